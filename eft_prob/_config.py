@@ -1,0 +1,91 @@
+"""Precision policy and the library's warning classes.
+
+eft_prob never changes JAX's global ``jax_enable_x64`` flag behind a user's back.  Theory code needs
+float64 (kernels of deep networks span many decades, and 1/n corrections are small differences), so:
+
+* If x64 is enabled globally (``eft_prob.enable_x64()``, ``numpyro.enable_x64()`` or
+  ``JAX_ENABLE_X64=1``), everything runs in float64.
+* If it is not, and a theory function is called eagerly (its inputs are concrete arrays), the
+  computation runs inside a local ``jax.enable_x64(True)`` scope and returns float64 arrays; the
+  global flag is untouched afterwards.
+* If it is not, and the inputs are tracers (inside a user's ``jit``/NUTS with x64 off), float64 is
+  impossible without changing the user's setting; the computation runs in float32 and a
+  :class:`PrecisionWarning` says how to switch x64 on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import jax
+
+__all__ = ["PrecisionWarning", "RegimeWarning", "RegularizationWarning", "enable_x64"]
+
+
+class PrecisionWarning(UserWarning):
+    """Theory quantities had to be computed in float32 (x64 disabled inside a trace)."""
+
+
+class RegularizationWarning(UserWarning):
+    """A kernel was not numerically positive semi-definite and had to be regularized."""
+
+
+class RegimeWarning(UserWarning):
+    """The aspect ratio r = L/n is outside the regime where the requested order is valid."""
+
+
+def enable_x64(use_x64: bool = True) -> None:
+    """Switch JAX's global float64 mode (the same as ``numpyro.enable_x64``).
+
+    Call it once at the top of a program, before any array is created.
+    """
+    jax.config.update("jax_enable_x64", bool(use_x64))
+
+
+def x64_enabled() -> bool:
+    return bool(jax.config.jax_enable_x64)
+
+
+def _has_tracer(*trees) -> bool:
+    leaves = jax.tree_util.tree_leaves(trees)
+    return any(isinstance(x, jax.core.Tracer) for x in leaves)
+
+
+def precision_scope(*inputs):
+    """Context manager for a theory computation on ``inputs`` (see the module docstring)."""
+    if x64_enabled():
+        return contextlib.nullcontext()
+    if _has_tracer(*inputs):
+        warnings.warn(
+            "eft_prob theory is being traced with jax_enable_x64 disabled, so it runs in float32. "
+            "Call eft_prob.enable_x64() (or numpyro.enable_x64()) at the start of your program.",
+            PrecisionWarning,
+            stacklevel=3,
+        )
+        return contextlib.nullcontext()
+    return jax.enable_x64(True)
+
+
+def is_concrete(*trees) -> bool:
+    """True when no leaf is a tracer, i.e. values may be inspected in Python."""
+    return not _has_tracer(*trees)
+
+
+class StabilityWarning(UserWarning):
+    """A learning rate at or above the gradient-descent stability bound 2/λ_max(Θ̃)."""
+
+
+__all__ += ["StabilityWarning"]
+
+
+def float64_theory(fn):
+    """Decorator: run ``fn`` under :func:`precision_scope` of all its arguments."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with precision_scope(*args, *kwargs.values()):
+            return fn(*args, **kwargs)
+
+    return wrapper

@@ -1,0 +1,123 @@
+"""Ensembles of real networks: prior draws and full-batch GD training, vmapped and chunked.
+
+Every network gets its own key from ``jax.random.split(key, n_networks)``, so results do not
+depend on the chunk size.  Chunks are padded to a fixed size so each function compiles once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import nn
+from ._validate import check_inputs, check_targets
+from .spec import MLPSpec
+
+__all__ = ["prior_outputs", "train", "TrainResult", "auto_chunk"]
+
+_CHUNK_BYTES = 256 * 2**20
+
+
+def auto_chunk(spec: MLPSpec, n_inputs: int, n_networks: int, copies: int = 1) -> int:
+    """Networks per chunk so that ~``copies`` copies of the parameters (and activations) fit 256 MiB."""
+    per_net = 8 * copies * (nn.param_count(spec) + n_inputs * sum(spec.widths))
+    return int(max(1, min(n_networks, _CHUNK_BYTES // max(per_net, 1))))
+
+
+def _check_count(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    return int(value)
+
+
+def _chunked(fn, keys, chunk, *args):
+    """Apply jit(vmap(fn)) over keys in padded chunks; returns a pytree stacked over all keys."""
+    M = keys.shape[0]
+    n_chunks = math.ceil(M / chunk)
+    pad = n_chunks * chunk - M
+    if pad:
+        keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], pad, axis=0)])
+    vf = jax.jit(jax.vmap(fn, in_axes=(0,) + (None,) * len(args)))
+    outs = [vf(keys[c * chunk:(c + 1) * chunk], *args) for c in range(n_chunks)]
+    out = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs)[:M], *outs)
+    return out
+
+
+def prior_outputs(spec: MLPSpec, X, n_networks: int, key, *, chunk_size: int | None = None,
+                  layers: bool = False):
+    """Outputs f(X) of ``n_networks`` independent networks drawn from the prior.
+
+    Returns (M, N, n_L); with ``layers=True`` a list of all preactivations [(M, N, n_ℓ)].
+    """
+    X = check_inputs(spec, X)
+    M = _check_count("n_networks", n_networks)
+    chunk = chunk_size or auto_chunk(spec, X.shape[0], M)
+    keys = jax.random.split(key, M)
+
+    def one(k, X):
+        zs = nn.preactivations(spec, nn.init(spec, k, X.dtype), X)
+        return zs if layers else zs[-1]
+
+    return _chunked(one, keys, _check_count("chunk_size", chunk), X)
+
+
+class TrainResult(NamedTuple):
+    """Outputs of an ensemble before and after training, each (M, N, n_L).
+
+    ``train_*`` are on the training inputs X, ``test_*`` on X_test; ``loss`` is the final MSE
+    loss ½Σ(f − y)² of each network (M,).
+    """
+
+    train_init: jax.Array
+    test_init: jax.Array
+    train_final: jax.Array
+    test_final: jax.Array
+    loss: jax.Array
+
+
+def _gd_step(spec, lr, eta, X, y):
+    def loss_fn(p):
+        r = nn.apply(spec, p, X) - y
+        return 0.5 * jnp.sum(r * r)
+
+    def step(p, _):
+        g = jax.grad(loss_fn)(p)
+        p = jax.tree_util.tree_map(lambda a, ga, la: a - eta * la * ga, p, g, lr)
+        return p, None
+
+    return loss_fn, step
+
+
+def train(spec: MLPSpec, X, y, X_test, n_networks: int, learning_rate: float, steps: int, key, *,
+          chunk_size: int | None = None) -> TrainResult:
+    """Train ``n_networks`` independent networks by full-batch GD on L = ½ Σ (f(X) − y)².
+
+    Parameter updates use the theory's learning-rate tensor: W^(ℓ) ← W − η λ_W/n_{ℓ-1} ∂L/∂W,
+    b^(ℓ) ← b − η λ_b ∂L/∂b (THEORY.md §1.3).  The steps run in a ``lax.scan``.
+    """
+    X = check_inputs(spec, X, "X")
+    X_test = check_inputs(spec, X_test, "X_test")
+    y = check_targets(spec, y, X.shape[0])
+    M = _check_count("n_networks", n_networks)
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
+        raise ValueError(f"steps must be a non-negative integer, got {steps!r}.")
+    eta = float(learning_rate)
+    if not np.isfinite(eta) or eta <= 0:
+        raise ValueError(f"learning_rate must be a finite number > 0, got {learning_rate!r}.")
+    chunk = chunk_size or auto_chunk(spec, X.shape[0] + X_test.shape[0], M, copies=4)
+    lr = nn.learning_rates(spec, X.dtype)
+    loss_fn, step = _gd_step(spec, lr, eta, X, y)
+    steps = int(steps)
+
+    def one(k, X, X_test):
+        p0 = nn.init(spec, k, X.dtype)
+        p, _ = jax.lax.scan(step, p0, None, length=steps)
+        return (nn.apply(spec, p0, X), nn.apply(spec, p0, X_test), nn.apply(spec, p, X),
+                nn.apply(spec, p, X_test), loss_fn(p))
+
+    out = _chunked(one, jax.random.split(key, M), _check_count("chunk_size", chunk), X, X_test)
+    return TrainResult(*out)

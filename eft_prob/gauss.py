@@ -1,0 +1,236 @@
+"""Gaussian expectations ⟨F⟩_K over one and two sample indices (THEORY.md §0.3, eq. 4.25).
+
+The one place in eft_prob where Gaussian integrals are computed.  Closed forms come from the
+activation registry (:mod:`eft_prob.activations`); everything else is quadrature:
+
+* smooth integrands: tensor Gauss–Hermite in the whitened coordinates ξ, z = Lξ with L the
+  Cholesky factor of the 2×2 kernel (exponential convergence);
+* integrands with kinks at z = 0 (ReLU-like σ, or σ' of them): a kink-aware polar rule.  With
+  ξ = r(cos θ, sin θ) the kink lines z_1 = 0 and z_2 = 0 are rays, so the angle is split into the
+  four arcs between them (Gauss–Legendre on each arc) and the radius uses the Gauss rule for the
+  weight r·e^{-r²/2} on [0, ∞).  On each arc the integrand is analytic, so this rule converges
+  exponentially as well, where plain Gauss–Hermite converges only algebraically across a kink.
+
+All rules are differentiable in K (no NaN gradients on the PSD cone, including |ρ| = 1) and
+evaluated in chunks so an N×N kernel never materializes N²×(nodes) arrays at once.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .activations import Activation
+
+__all__ = [
+    "expect_1d",
+    "expect_2d",
+    "pair_moments",
+    "sigma_moments",
+    "DEFAULT_ORDERS",
+]
+
+#: Default quadrature orders: Gauss–Hermite nodes per dimension for smooth integrands, and
+#: (nodes per arc, radial nodes) of the kink-aware polar rule.
+DEFAULT_ORDERS = {"gh1": 160, "gh2": 64, "arc": 24, "radial": 32, "half": 64}
+
+_MAX_CHUNK_ELEMS = 4_000_000
+
+
+# --------------------------------------------------------------------------------------------
+# Rules (numpy, float64, cached).
+
+
+@functools.lru_cache(maxsize=None)
+def _gauss_hermite(n: int):
+    """Nodes/weights for ∫ f(x) e^{-x²/2}/√(2π) dx (probabilists' Hermite)."""
+    x, w = np.polynomial.hermite_e.hermegauss(n)
+    return x, w / np.sqrt(2 * np.pi)
+
+
+@functools.lru_cache(maxsize=None)
+def _gauss_legendre(n: int):
+    return np.polynomial.legendre.leggauss(n)
+
+
+@functools.lru_cache(maxsize=None)
+def _stieltjes_rule(kind: str, n: int):
+    """Gauss rule for a weight on [0, ∞) by the discretized Stieltjes procedure (stable in float64).
+
+    kind="radial": w(r) = r e^{-r²/2} (total mass 1);  kind="half": w(x) = e^{-x²/2}/√(2π) (mass ½).
+    The weight is discretized by 4000-point Gauss–Legendre on [0, 16] (e^{-128} beyond), which is
+    exact to machine precision for the polynomials of degree < 2n involved.
+    """
+    t, wt = _gauss_legendre(4000)
+    x = 8.0 * (t + 1.0)
+    if kind == "radial":
+        w = 8.0 * wt * x * np.exp(-x * x / 2)
+    elif kind == "half":
+        w = 8.0 * wt * np.exp(-x * x / 2) / np.sqrt(2 * np.pi)
+    else:  # pragma: no cover - internal
+        raise ValueError(kind)
+    mass = w.sum()
+    a = np.zeros(n)
+    b = np.zeros(n)
+    p_prev = np.zeros_like(x)
+    p = np.ones_like(x) / np.sqrt(mass)
+    for k in range(n):
+        a[k] = np.sum(w * x * p * p)
+        q = (x - a[k]) * p - (np.sqrt(b[k]) * p_prev if k > 0 else 0.0)
+        if k + 1 < n:
+            b[k + 1] = np.sum(w * q * q)
+            p_prev, p = p, q / np.sqrt(b[k + 1])
+    J = np.diag(a) + np.diag(np.sqrt(b[1:]), 1) + np.diag(np.sqrt(b[1:]), -1)
+    nodes, vecs = np.linalg.eigh(J)
+    weights = mass * vecs[0] ** 2
+    return nodes, weights
+
+
+# --------------------------------------------------------------------------------------------
+# Elementary expectations over arrays of kernels.
+
+
+def _safe_sqrt(x):
+    pos = x > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
+
+
+def expect_1d(f: Callable, K, *, kinked: bool = False, n: int | None = None):
+    """⟨f(z)⟩ for z ~ N(0, K), elementwise over an array K (shape-preserving).
+
+    ``kinked=True`` splits the line at z = 0 (half-range Gauss rule) for integrands with a kink there.
+    """
+    K = jnp.asarray(K)
+    s = _safe_sqrt(K)[..., None]
+    if kinked:
+        x, w = _stieltjes_rule("half", n or DEFAULT_ORDERS["half"])
+        x, w = jnp.asarray(x, K.dtype), jnp.asarray(w, K.dtype)
+        return jnp.sum(w * (f(s * x) + f(-s * x)), axis=-1)
+    x, w = _gauss_hermite(n or DEFAULT_ORDERS["gh1"])
+    x, w = jnp.asarray(x, K.dtype), jnp.asarray(w, K.dtype)
+    return jnp.sum(w * f(s * x), axis=-1)
+
+
+def _cholesky_2x2(K11, K22, K12):
+    l11 = _safe_sqrt(K11)
+    l21 = jnp.where(l11 > 0, K12 / jnp.where(l11 > 0, l11, 1.0), 0.0)
+    l22 = _safe_sqrt(K22 - l21 * l21)
+    return l11, l21, l22
+
+
+def _gh_2d(f, K11, K22, K12, n):
+    x, w = _gauss_hermite(n)
+    dt = jnp.result_type(K11)
+    x, w = jnp.asarray(x, dt), jnp.asarray(w, dt)
+    l11, l21, l22 = (v[..., None, None] for v in _cholesky_2x2(K11, K22, K12))
+    xi1, xi2 = x[:, None], x[None, :]
+    z1 = l11 * xi1
+    z2 = l21 * xi1 + l22 * xi2
+    return jnp.sum(w[:, None] * w[None, :] * f(z1, z2), axis=(-2, -1))
+
+
+def _polar_2d(f, K11, K22, K12, n_arc, n_rad):
+    r, wr = _stieltjes_rule("radial", n_rad)
+    t, wt = _gauss_legendre(n_arc)
+    dt = jnp.result_type(K11)
+    r, wr, t, wt = (jnp.asarray(v, dt) for v in (r, wr, t, wt))
+    l11, l21, l22 = _cholesky_2x2(K11, K22, K12)
+    # Kink rays: z1 = 0 at θ = π/2, 3π/2; z2 = 0 where (cos θ, sin θ) ⟂ (l21, l22).
+    theta0 = jnp.arctan2(-l21, l22)
+    two_pi = 2 * jnp.pi
+    brk = jnp.stack(
+        [
+            jnp.full_like(theta0, jnp.pi / 2),
+            jnp.full_like(theta0, 3 * jnp.pi / 2),
+            jnp.mod(theta0, two_pi),
+            jnp.mod(theta0 + jnp.pi, two_pi),
+        ],
+        axis=-1,
+    )
+    brk = jnp.sort(brk, axis=-1)
+    lo = brk
+    hi = jnp.concatenate([brk[..., 1:], brk[..., :1] + two_pi], axis=-1)
+    half = (hi - lo) / 2
+    mid = (hi + lo) / 2
+    theta = mid[..., :, None] + half[..., :, None] * t  # (..., 4, n_arc)
+    wtheta = half[..., :, None] * wt / two_pi
+    c, s = jnp.cos(theta)[..., None], jnp.sin(theta)[..., None]  # (..., 4, n_arc, 1)
+    z1 = l11[..., None, None, None] * c * r
+    z2 = (l21[..., None, None, None] * c + l22[..., None, None, None] * s) * r
+    vals = jnp.sum(wr * f(z1, z2), axis=-1)  # radial
+    return jnp.sum(wtheta * vals, axis=(-2, -1))
+
+
+def expect_2d(f: Callable, K11, K22, K12, *, kinked: bool = False, orders: dict | None = None):
+    """⟨f(z_1, z_2)⟩ for (z_1, z_2) ~ N(0, [[K11, K12], [K12, K22]]), elementwise over arrays.
+
+    ``f`` must broadcast over its two array arguments.  ``kinked=True`` uses the kink-aware polar
+    rule (integrand smooth except on the lines z_1 = 0 and z_2 = 0).
+    """
+    o = {**DEFAULT_ORDERS, **(orders or {})}
+    K11, K22, K12 = jnp.broadcast_arrays(*(jnp.asarray(v) for v in (K11, K22, K12)))
+    if kinked:
+        return _polar_2d(f, K11, K22, K12, o["arc"], o["radial"])
+    return _gh_2d(f, K11, K22, K12, o["gh2"])
+
+
+# --------------------------------------------------------------------------------------------
+# The two-point functions the kernel recursions need.
+
+
+def pair_moments(act: Activation, K11, K22, K12, *, quadrature: bool = False, orders=None):
+    """(⟨σ_1σ_2⟩, ⟨σ'_1σ'_2⟩) for the 2×2 kernel (K11, K22, K12), elementwise over arrays.
+
+    Closed forms when the activation has them (unless ``quadrature=True``), quadrature otherwise.
+    """
+    if act.pair is not None and not quadrature:
+        return act.pair(K11, K22, K12)
+    fn, gr = act.fn, act.grad
+    ss = expect_2d(lambda a, b: fn(a) * fn(b), K11, K22, K12, kinked=act.kinked, orders=orders)
+    dd = expect_2d(lambda a, b: gr(a) * gr(b), K11, K22, K12, kinked=act.kinked, orders=orders)
+    return ss, dd
+
+
+def _single_moments(act: Activation, K, orders=None):
+    o = {**DEFAULT_ORDERS, **(orders or {})}
+    n = o["half"] if act.kinked else o["gh1"]
+    fn, gr = act.fn, act.grad
+    ss = expect_1d(lambda z: fn(z) ** 2, K, kinked=act.kinked, n=n)
+    dd = expect_1d(lambda z: gr(z) ** 2, K, kinked=act.kinked, n=n)
+    return ss, dd
+
+
+def sigma_moments(act: Activation, K, *, quadrature: bool = False, orders=None):
+    """Matrices (⟨σ_ασ_β⟩_K, ⟨σ'_ασ'_β⟩_K) for an (N, N) kernel K.
+
+    With quadrature, the diagonal uses the more accurate one-dimensional rule and the off-diagonal
+    pairs the two-dimensional one, evaluated in row chunks to bound memory.
+    """
+    K = jnp.asarray(K)
+    d = jnp.diagonal(K)
+    if act.pair is not None and not quadrature:
+        return act.pair(d[:, None], d[None, :], K)
+    N = K.shape[0]
+    o = {**DEFAULT_ORDERS, **(orders or {})}
+    nodes = 4 * o["arc"] * o["radial"] if act.kinked else o["gh2"] ** 2
+    rows = max(1, min(N, _MAX_CHUNK_ELEMS // max(1, N * nodes)))
+
+    def row_block(args):
+        k11, k12 = args
+        return pair_moments(act, k11[:, None], d[None, :], k12, quadrature=True, orders=orders)
+
+    if rows >= N:
+        ss, dd = row_block((d, K))
+    else:
+        ss, dd = jax.lax.map(lambda a: row_block((a[0][None], a[1][None])), (d, K), batch_size=rows)
+        ss, dd = ss.reshape(N, N), dd.reshape(N, N)
+    ss1, dd1 = _single_moments(act, d, orders=orders)
+    eye = jnp.eye(N, dtype=bool)
+    ss = jnp.where(eye, jnp.diag(ss1), ss)
+    dd = jnp.where(eye, jnp.diag(dd1), dd)
+    # Quadrature is symmetric only up to rounding; the recursions assume exact symmetry.
+    return (ss + ss.T) / 2, (dd + dd.T) / 2

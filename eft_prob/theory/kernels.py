@@ -1,0 +1,117 @@
+"""Infinite-width kernels: the NNGP kernel K^(ℓ) and the frozen NTK Θ^(ℓ) (THEORY.md §3.5, §6.2).
+
+    K^(1)_{αβ}   = C_b^(1) + C_W^(1) x_α·x_β / n_0,
+    K^(ℓ+1)_{αβ} = C_b + C_W ⟨σ_α σ_β⟩_{K^(ℓ)},
+    Θ^(1)_{αβ}   = λ_b^(1) + λ_W^(1) x_α·x_β / n_0,
+    Θ^(ℓ+1)_{αβ} = λ_b + λ_W ⟨σ_α σ_β⟩_{K^(ℓ)} + C_W ⟨σ'_α σ'_β⟩_{K^(ℓ)} Θ^(ℓ)_{αβ},
+
+with the hyperparameters of layer ℓ+1 in each step.  At finite width, E[z z] = K + O(1/n) and
+E[Ĥ] = Θ + O(1/n).  The recursion is a ``lax.scan`` over layers, so it compiles once whatever the
+depth; it is float64, jit-able and differentiable in C_b, C_W, λ_b, λ_W and X.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from .. import gauss
+from .._config import float64_theory
+from .._validate import check_inputs, check_psd
+from ..spec import MLPSpec
+
+__all__ = ["Kernels", "kernels", "nngp", "ntk"]
+
+
+class Kernels(NamedTuple):
+    """Kernels of every layer; index 0 is layer 1, index L-1 the output layer.
+
+    Attributes
+    ----------
+    nngp : (L, N, N) array
+        K^(ℓ), the infinite-width covariance of the preactivations z^(ℓ).
+    ntk : (L, N, N) array
+        Θ^(ℓ), the infinite-width (frozen) neural tangent kernel of z^(ℓ).
+    """
+
+    nngp: jax.Array
+    ntk: jax.Array
+
+
+def _first_layer(spec: MLPSpec, X):
+    G0 = X @ X.T / spec.input_dim
+    C_b, C_W = spec.layer_values("C_b")[0], spec.layer_values("C_W")[0]
+    l_b, l_W = spec.layer_values("lambda_b")[0], spec.layer_values("lambda_W")[0]
+    return C_b + C_W * G0, l_b + l_W * G0
+
+
+def _kernel_stack(spec: MLPSpec, X, quadrature: bool, orders) -> Kernels:
+    act = spec.activation
+    K1, T1 = _first_layer(spec, X)
+    if spec.depth == 1:
+        return Kernels(K1[None], T1[None])
+    hyper = tuple(spec.layer_values(k)[1:] for k in ("C_b", "C_W", "lambda_b", "lambda_W"))
+
+    def step(carry, h):
+        K, T = carry
+        C_b, C_W, l_b, l_W = h
+        ss, dd = gauss.sigma_moments(act, K, quadrature=quadrature, orders=orders)
+        K_next = C_b + C_W * ss
+        T_next = l_b + l_W * ss + C_W * dd * T
+        K_next = (K_next + K_next.T) / 2
+        T_next = (T_next + T_next.T) / 2
+        return (K_next, T_next), (K_next, T_next)
+
+    _, (Ks, Ts) = jax.lax.scan(step, (K1, T1), hyper)
+    return Kernels(jnp.concatenate([K1[None], Ks]), jnp.concatenate([T1[None], Ts]))
+
+
+@float64_theory
+def kernels(spec: MLPSpec, X, *, quadrature: bool = False, orders: dict | None = None,
+            regularize: bool = True) -> Kernels:
+    """NNGP kernels and NTKs of all L layers for inputs X of shape (N, n_0).
+
+    Parameters
+    ----------
+    spec : MLPSpec
+    X : (N, input_dim) array
+    quadrature : bool
+        Force quadrature even where a closed form exists (for checks).
+    orders : dict, optional
+        Quadrature orders (see ``eft_prob.gauss.DEFAULT_ORDERS``).
+    regularize : bool
+        When called eagerly, check that the output-layer kernels are PSD and clip (with a
+        :class:`~eft_prob.RegularizationWarning`) eigenvalues that rounding pushed below zero.
+
+    Returns
+    -------
+    Kernels
+        ``nngp`` and ``ntk``, each (L, N, N) float64.
+    """
+    X = check_inputs(spec, X)
+    out = _kernel_stack(spec, X, quadrature, orders)
+    K_L = check_psd(out.nngp[-1], "The NNGP kernel K^(L)", regularize=regularize)
+    T_L = check_psd(out.ntk[-1], "The NTK Θ^(L)", regularize=regularize)
+    return Kernels(out.nngp.at[-1].set(K_L), out.ntk.at[-1].set(T_L))
+
+
+def nngp(spec: MLPSpec, X, *, all_layers: bool = False, **kwargs) -> jax.Array:
+    """The NNGP kernel K^(L) (N, N) of the output layer, or all layers (L, N, N).
+
+    ``E[z_{i;α} z_{j;β}] = δ_ij K_{αβ} + O(1/n)`` for a network drawn from ``spec``'s prior.
+    See :func:`kernels` for the keyword arguments.
+    """
+    K = kernels(spec, X, **kwargs).nngp
+    return K if all_layers else K[-1]
+
+
+def ntk(spec: MLPSpec, X, *, all_layers: bool = False, **kwargs) -> jax.Array:
+    """The frozen NTK Θ^(L) (N, N) of the output layer, or all layers (L, N, N).
+
+    ``E[Ĥ_{ij;αβ}] = δ_ij Θ_{αβ} + O(1/n)`` with Ĥ = Σ_μν λ_μν ∂z/∂θ_μ ∂z/∂θ_ν.
+    See :func:`kernels` for the keyword arguments.
+    """
+    T = kernels(spec, X, **kwargs).ntk
+    return T if all_layers else T[-1]
