@@ -10,6 +10,8 @@ import numpy as np
 
 from ._config import RegularizationWarning, is_concrete
 
+_ROUNDOFF = 100 * float(np.finfo(np.float64).eps)
+
 __all__ = ["check_inputs", "check_targets", "check_positive", "check_psd", "check_order"]
 
 
@@ -69,7 +71,8 @@ def check_psd(K, what: str, *, regularize: bool = True) -> jax.Array:
     """Symmetrize K; when concrete, verify it is positive semi-definite.
 
     A kernel is PSD mathematically; rounding (deep networks, duplicated inputs) can leave
-    eigenvalues slightly below zero.  Those are clipped to zero, with a
+    eigenvalues slightly below zero.  Those are clipped to zero: silently when they are at the
+    rounding level (|λ_min| <= 100·N·eps·λ_max, a singular kernel), otherwise with a
     :class:`RegularizationWarning` that says how much was changed.  NaN/inf raise.
     """
     K = (K + jnp.swapaxes(K, -1, -2)) / 2
@@ -92,6 +95,8 @@ def check_psd(K, what: str, *, regularize: bool = True) -> jax.Array:
         return K
     K_fixed = (U * jnp.clip(w, 0.0, None)) @ U.T
     K_fixed = (K_fixed + K_fixed.T) / 2
+    if abs(low) <= _ROUNDOFF * K.shape[-1] * scale:
+        return K_fixed  # rounding of a singular PSD kernel (e.g. N > rank): not a regularization
     warnings.warn(
         f"{what} was not numerically positive semi-definite: eigenvalues down to {low:.3g} "
         f"(relative {abs(low) / max(scale, 1e-300):.2g} of the largest) were clipped to 0. "

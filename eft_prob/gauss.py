@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .activations import Activation
+from .activations import Activation, _safe_corr
 
 __all__ = [
     "expect_1d",
@@ -62,15 +62,16 @@ def _stieltjes_rule(kind: str, n: int):
     """Gauss rule for a weight on [0, ∞) by the discretized Stieltjes procedure (stable in float64).
 
     kind="radial": w(r) = r e^{-r²/2} (total mass 1);  kind="half": w(x) = e^{-x²/2}/√(2π) (mass ½).
-    The weight is discretized by 4000-point Gauss–Legendre on [0, 16] (e^{-128} beyond), which is
+    The weight is discretized by composite Gauss–Legendre on [0, 16] (e^{-128} beyond), which is
     exact to machine precision for the polynomials of degree < 2n involved.
     """
-    t, wt = _gauss_legendre(4000)
-    x = 8.0 * (t + 1.0)
+    t, wt = _gauss_legendre(64)
+    x = np.concatenate([k + (t + 1.0) / 2 for k in range(16)])  # 16 unit panels of 64 nodes
+    wq = np.tile(wt / 2, 16)
     if kind == "radial":
-        w = 8.0 * wt * x * np.exp(-x * x / 2)
+        w = wq * x * np.exp(-x * x / 2)
     elif kind == "half":
-        w = 8.0 * wt * np.exp(-x * x / 2) / np.sqrt(2 * np.pi)
+        w = wq * np.exp(-x * x / 2) / np.sqrt(2 * np.pi)
     else:  # pragma: no cover - internal
         raise ValueError(kind)
     mass = w.sum()
@@ -116,10 +117,11 @@ def expect_1d(f: Callable, K, *, kinked: bool = False, n: int | None = None):
 
 
 def _cholesky_2x2(K11, K22, K12):
-    l11 = _safe_sqrt(K11)
-    l21 = jnp.where(l11 > 0, K12 / jnp.where(l11 > 0, l11, 1.0), 0.0)
-    l22 = _safe_sqrt(K22 - l21 * l21)
-    return l11, l21, l22
+    # z1 = √K11 ξ1, z2 = √K22 (ρ ξ1 + √((1-ρ)(1+ρ)) ξ2): exact zeros at ρ = ±1, where the
+    # textbook l22 = √(K22 - K12²/K11) loses half the digits to cancellation.
+    rho, _ = _safe_corr(K11, K22, K12)
+    s2 = _safe_sqrt(K22)
+    return _safe_sqrt(K11), s2 * rho, s2 * _safe_sqrt((1.0 - rho) * (1.0 + rho))
 
 
 def _gh_2d(f, K11, K22, K12, n):

@@ -1,0 +1,44 @@
+"""Test configuration: float64 everywhere, CPU, fixed seeds.
+
+The test program (not the library) switches x64 on globally, as a user's program would.
+"""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)
+_cache = os.path.expanduser("~/.cache/eft_prob_jax")
+jax.config.update("jax_compilation_cache_dir", _cache)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def assert_consistent(estimate, se, expected, n_sigma=4.0, what=""):
+    """|estimate - expected| <= n_sigma·se, elementwise, with a readable message."""
+    estimate, se, expected = (np.asarray(a, float) for a in (estimate, se, expected))
+    z = np.abs(estimate - expected) / se
+    assert np.all(z <= n_sigma), (
+        f"{what}: estimate {estimate} vs expected {expected} (se {se}); z-scores {z} exceed {n_sigma}"
+    )
+
+
+def fit_inverse_width(widths, values, ses):
+    """Weighted least squares values ≈ a/n + b; returns (a, b, se_a, se_b, chi2)."""
+    n = np.asarray(widths, float)
+    v = np.asarray(values, float)
+    w = 1.0 / np.asarray(ses, float) ** 2
+    A = np.stack([1.0 / n, np.ones_like(n)], axis=1)
+    F = A.T @ (A * w[:, None])
+    cov = np.linalg.inv(F)
+    coef = cov @ (A.T @ (w * v))
+    chi2 = float(np.sum(w * (v - A @ coef) ** 2))
+    return coef[0], coef[1], np.sqrt(cov[0, 0]), np.sqrt(cov[1, 1]), chi2

@@ -1,0 +1,144 @@
+"""Closed-form Gaussian expectations against quadrature, and quadrature convergence."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import eft_prob as ep
+from eft_prob import gauss
+from eft_prob.activations import get_activation, leaky_relu
+
+CLOSED = ["relu", "leaky_relu", "linear", "erf", "sin"]
+KERNELS_2x2 = [(1.3, 0.7, 0.5), (1.0, 1.0, 0.999), (2.0, 0.3, -0.7), (0.5, 0.5, -0.5), (1e-3, 4.0, 0.01)]
+
+
+@pytest.mark.parametrize("name", CLOSED)
+@pytest.mark.parametrize("K", KERNELS_2x2)
+def test_closed_form_matches_quadrature(name, K):
+    act = get_activation(name)
+    cf = gauss.pair_moments(act, *K)
+    q = gauss.pair_moments(act, *K, quadrature=True, orders={"gh2": 96})
+    for a, b in zip(cf, q):
+        assert abs(float(a) - float(b)) < 1e-10 * max(1.0, abs(float(a)))
+
+
+def test_leaky_relu_any_slope_closed_form():
+    act = leaky_relu(-0.3)
+    cf = gauss.pair_moments(act, 1.3, 0.7, 0.5)
+    q = gauss.pair_moments(act, 1.3, 0.7, 0.5, quadrature=True)
+    np.testing.assert_allclose(cf, q, atol=1e-10)
+
+
+def test_relu_two_input_oracle_O13():
+    act = get_activation("relu")
+    ss, dd = gauss.pair_moments(act, 1.3, 0.7, 0.5)
+    assert float(ss) == pytest.approx(0.29820, abs=5e-6)
+    assert float(dd) == pytest.approx(0.33781, abs=5e-6)
+    fourth = gauss.expect_2d(lambda a, b: act(a) ** 2 * act(b) ** 2, 1.3, 0.7, 0.5, kinked=True)
+    assert float(fourth) == pytest.approx(0.67026, abs=5e-6)
+
+
+def test_single_input_scale_invariant_moments():
+    # THEORY.md §4.5: <σ²> = A2 K, <σ⁴> = 3 A4 K², <σ'²> = A2
+    for name in ["relu", "leaky_relu", "linear"]:
+        act = get_activation(name)
+        for K in [0.3, 2.0]:
+            assert float(gauss.expect_1d(lambda z: act(z) ** 2, K, kinked=True)) == pytest.approx(act.A2 * K, rel=1e-12)
+            assert float(gauss.expect_1d(lambda z: act(z) ** 4, K, kinked=True)) == pytest.approx(
+                3 * act.A4 * K**2, rel=1e-12
+            )
+            assert float(gauss.expect_1d(lambda z: act.grad(z) ** 2, K, kinked=True)) == pytest.approx(act.A2, rel=1e-12)
+
+
+def test_plain_gauss_hermite_converges_across_kinks_and_polar_rule_is_exact():
+    """Plain Gauss–Hermite converges only algebraically for ReLU; the kink-aware rule is exact."""
+    relu = get_activation("relu")
+    K = (1.3, 0.7, 0.5)
+    exact = float(gauss.pair_moments(relu, *K)[1])  # <σ'σ'>: a step-function product, the hardest case
+    f = lambda a, b: relu.grad(a) * relu.grad(b)
+    errs = [abs(float(gauss.expect_2d(f, *K, orders={"gh2": n})) - exact) for n in (8, 16, 32, 64, 128)]
+    assert all(e2 < e1 for e1, e2 in zip(errs[1::2], errs[3::2])) or errs[-1] < errs[0] / 4
+    assert errs[-1] < errs[0] / 4  # converging ...
+    assert errs[-1] > 1e-6  # ... slowly: this is why the polar rule exists
+    polar = [abs(float(gauss.expect_2d(f, *K, kinked=True, orders={"arc": m, "radial": 16})) - exact)
+             for m in (2, 4, 8)]
+    assert polar[-1] < 1e-12
+
+
+def test_matrix_moments_closed_vs_quadrature():
+    X = np.random.default_rng(1).normal(size=(5, 3))
+    K = 0.2 + 1.5 * X @ X.T / 3
+    for name in ["relu", "erf", "sin", "leaky_relu"]:
+        act = get_activation(name)
+        c = gauss.sigma_moments(act, K)
+        q = gauss.sigma_moments(act, K, quadrature=True, orders={"gh2": 96})
+        for a, b in zip(c, q):
+            np.testing.assert_allclose(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_quadrature_chunking_does_not_change_results(monkeypatch):
+    X = np.random.default_rng(2).normal(size=(6, 2))
+    K = 0.1 + X @ X.T
+    act = get_activation("tanh")
+    full = gauss.sigma_moments(act, K)
+    monkeypatch.setattr(gauss, "_MAX_CHUNK_ELEMS", 1)
+    chunked = gauss.sigma_moments(act, K)
+    for a, b in zip(full, chunked):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("name", ["relu", "erf", "tanh", "leaky_relu", "gelu"])
+def test_gradients_finite_at_identical_inputs_and_zero_kernel(name):
+    act = get_activation(name)
+    K = jnp.array([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])  # duplicate input, zero input
+
+    def total(c):
+        ss, dd = gauss.sigma_moments(act, c * K + jnp.diag(jnp.array([0.0, 0.0, 0.0])))
+        return jnp.sum(ss) + jnp.sum(dd)
+
+    g = jax.grad(total)(1.3)
+    assert np.isfinite(float(g))
+
+
+def test_gradient_matches_finite_differences():
+    act = get_activation("relu")
+    X = np.random.default_rng(3).normal(size=(4, 3))
+    K = X @ X.T / 3 + 0.1
+
+    def total(c):
+        ss, dd = gauss.sigma_moments(act, c * K)
+        return jnp.sum(ss * dd)
+
+    g = float(jax.grad(total)(1.1))
+    h = 1e-6
+    fd = (float(total(1.1 + h)) - float(total(1.1 - h))) / (2 * h)
+    assert g == pytest.approx(fd, rel=1e-6)
+
+
+def test_universality_and_critical_points():
+    assert get_activation("relu").universality == "scale-invariant"
+    assert get_activation("tanh").critical == (0.0, 1.0)
+    assert get_activation("erf").critical == pytest.approx((0.0, np.pi / 4))
+    assert get_activation("gelu").universality == "half-stable"
+    assert get_activation("softplus").universality == "none"
+    custom = get_activation(lambda z: jnp.tanh(2.0 * z))  # σ1 = 2 → C_W = 1/4, K*=0 class
+    assert custom.universality == "K*=0"
+    assert custom.critical[1] == pytest.approx(0.25)
+    assert get_activation(lambda z: z**2 + 1.0).universality == "unknown"
+
+
+def test_bad_activation_messages():
+    with pytest.raises(ValueError, match="not known"):
+        get_activation("tanhh")
+    with pytest.raises(ValueError, match="elementwise"):
+        get_activation(lambda z: jnp.sum(z))
+    with pytest.raises(ValueError, match="callable"):
+        get_activation(3.0)
+
+
+def test_user_callable_runs_through_kernels():
+    spec = ep.MLPSpec(2, (8,), 1, lambda z: jnp.tanh(z), C_W=1.0)
+    ref = ep.MLPSpec(2, (8,), 1, "tanh", C_W=1.0)
+    X = np.array([[1.0, 0.5], [-0.3, 0.8]])
+    np.testing.assert_allclose(ep.theory.nngp(spec, X), ep.theory.nngp(ref, X), rtol=1e-13)
