@@ -154,17 +154,23 @@ class NetworkPrior(KernelGaussian):
     :param MLPSpec spec: the architecture and prior (C_b, C_W may be traced, e.g. NUTS over them).
     :param X: inputs (N, input_dim).
     :param int order: 0 (Gaussian limit); 1 (1/n corrections) with the finite-width issue.
+    :param noise_var: optional observation-noise variance σ² >= 0: the law of y = f(X) + ε,
+        ε ~ N(0, σ²) per output, i.e. N(0, (K + σ²) ⊗ I).  As a likelihood this is the evidence
+        of Bayesian learning, so NUTS can infer (C_b, C_W, σ²) from data.
     :param float jitter: relative diagonal jitter for singular kernels.
     """
 
-    def __init__(self, spec: MLPSpec, X, order: int = 0, *, jitter: float = 1e-10, validate_args=None):
+    def __init__(self, spec: MLPSpec, X, order: int = 0, *, noise_var=0.0, jitter: float = 1e-10,
+                 validate_args=None):
         if check_order(order) == 1:
             raise _not_yet(type(self).__name__)
-        with precision_scope(spec, X):
+        check_positive("noise_var", noise_var, strict=False)
+        with precision_scope(spec, X, noise_var):
             X = check_inputs(spec, X)
             K = _kernels(spec, X).nngp[-1]
             loc = jnp.zeros((X.shape[0], spec.output_dim), K.dtype)
-            tril = _cholesky(K, jitter)
+            cov = K + noise_var * jnp.eye(K.shape[0], dtype=K.dtype)
+            tril = _cholesky(cov, jitter, jnp.mean(jnp.diagonal(K)))
         loc, tril = _ambient(loc, tril)
         self.order = 0
         super().__init__(loc, tril, validate_args=validate_args)

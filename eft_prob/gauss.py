@@ -197,20 +197,12 @@ def pair_moments(act: Activation, K11, K22, K12, *, quadrature: bool = False, or
     return ss, dd
 
 
-def _single_moments(act: Activation, K, orders=None):
-    o = {**DEFAULT_ORDERS, **(orders or {})}
-    n = o["half"] if act.kinked else o["gh1"]
-    fn, gr = act.fn, act.grad
-    ss = expect_1d(lambda z: fn(z) ** 2, K, kinked=act.kinked, n=n)
-    dd = expect_1d(lambda z: gr(z) ** 2, K, kinked=act.kinked, n=n)
-    return ss, dd
-
-
 def sigma_moments(act: Activation, K, *, quadrature: bool = False, orders=None):
     """Matrices (⟨σ_ασ_β⟩_K, ⟨σ'_ασ'_β⟩_K) for an (N, N) kernel K.
 
-    With quadrature, the diagonal uses the more accurate one-dimensional rule and the off-diagonal
-    pairs the two-dimensional one, evaluated in row chunks to bound memory.
+    With quadrature, every entry (the diagonal included) uses the same two-dimensional rule, so
+    duplicated inputs give exactly duplicated rows and the kernel stays PSD; rows are evaluated in
+    chunks to bound memory.
     """
     K = jnp.asarray(K)
     d = jnp.diagonal(K)
@@ -230,9 +222,5 @@ def sigma_moments(act: Activation, K, *, quadrature: bool = False, orders=None):
     else:
         ss, dd = jax.lax.map(lambda a: row_block((a[0][None], a[1][None])), (d, K), batch_size=rows)
         ss, dd = ss.reshape(N, N), dd.reshape(N, N)
-    ss1, dd1 = _single_moments(act, d, orders=orders)
-    eye = jnp.eye(N, dtype=bool)
-    ss = jnp.where(eye, jnp.diag(ss1), ss)
-    dd = jnp.where(eye, jnp.diag(dd1), dd)
     # Quadrature is symmetric only up to rounding; the recursions assume exact symmetry.
     return (ss + ss.T) / 2, (dd + dd.T) / 2
