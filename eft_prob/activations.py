@@ -40,8 +40,12 @@ def _safe_corr(K11, K22, K12):
     s2 = K11 * K22
     pos = s2 > 0
     s = jnp.sqrt(jnp.where(pos, s2, 1.0))
-    rho = jnp.where(pos, K12 / s, 0.0)
-    return jnp.clip(rho, -1.0, 1.0), jnp.where(pos, s, 0.0)
+    rho = jnp.clip(jnp.where(pos, K12 / s, 0.0), -1.0, 1.0)
+    # Snap |ρ| within a few ulps of 1 to ±1: an input paired with itself computes K/√(K·K), which
+    # rounding can leave at 1 - 1e-16, i.e. a spurious angle ψ ≈ 1.5e-8 in non-smooth ⟨σ'σ'⟩.
+    near = jnp.abs(rho) >= 1.0 - 4 * jnp.finfo(rho.dtype).eps
+    rho = jnp.where(near, jnp.sign(rho), rho)
+    return rho, jnp.where(pos, s, 0.0)
 
 
 def _safe_arccos(rho):

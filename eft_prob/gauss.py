@@ -3,8 +3,12 @@
 The one place in eft_prob where Gaussian integrals are computed.  Closed forms come from the
 activation registry (:mod:`eft_prob.activations`); everything else is quadrature:
 
-* smooth integrands: tensor Gauss–Hermite in the whitened coordinates ξ, z = Lξ with L the
-  Cholesky factor of the 2×2 kernel (exponential convergence);
+* smooth integrands: a tensor trapezoid rule in the whitened coordinates ξ (z = Lξ with L the
+  Cholesky factor of the 2×2 kernel), after the map ξ = s·sinh(u), uniform in u.  For integrands
+  analytic in a strip the trapezoid rule converges exponentially in the number of nodes (Gauss–
+  Hermite only like exp(-c√n)); the sinh map puts nodes where steep activations change (tanh at
+  large K has poles at ξ = ±iπ/(2√K)): 80 nodes per dimension give ~1e-15 for tanh up to K = 16
+  and ~1e-10 at K = 100, where 64-node Gauss–Hermite errs by 1e-4 at K = 4;
 * integrands with kinks at z = 0 (ReLU-like σ, or σ' of them): a kink-aware polar rule.  With
   ξ = r(cos θ, sin θ) the kink lines z_1 = 0 and z_2 = 0 are rays, so the angle is split into the
   four arcs between them (Gauss–Legendre on each arc) and the radius uses the Gauss rule for the
@@ -34,9 +38,11 @@ __all__ = [
     "DEFAULT_ORDERS",
 ]
 
-#: Default quadrature orders: Gauss–Hermite nodes per dimension for smooth integrands, and
-#: (nodes per arc, radial nodes) of the kink-aware polar rule.
-DEFAULT_ORDERS = {"gh1": 160, "gh2": 64, "arc": 24, "radial": 32, "half": 64}
+#: Default quadrature orders: nodes of the sinh-mapped trapezoid rule for smooth integrands in one
+#: and two dimensions (per dimension), (nodes per arc, radial nodes) of the kink-aware polar rule,
+#: and nodes of the half-line rule for one-dimensional kinked integrands.
+DEFAULT_ORDERS = {"smooth1": 256, "smooth2": 80, "arc": 24, "radial": 32, "half": 64}
+_SINH_SCALE, _XI_MAX = 0.5, 9.0
 
 _MAX_CHUNK_ELEMS = 4_000_000
 
@@ -46,10 +52,16 @@ _MAX_CHUNK_ELEMS = 4_000_000
 
 
 @functools.lru_cache(maxsize=None)
-def _gauss_hermite(n: int):
-    """Nodes/weights for ∫ f(x) e^{-x²/2}/√(2π) dx (probabilists' Hermite)."""
-    x, w = np.polynomial.hermite_e.hermegauss(n)
-    return x, w / np.sqrt(2 * np.pi)
+def _sinh_trapezoid(n: int):
+    """Nodes/weights for ∫ f(ξ) e^{-ξ²/2}/√(2π) dξ: trapezoid in u, ξ = s·sinh(u), |ξ| <= 9."""
+    if n < 3:
+        raise ValueError(f"quadrature order must be >= 3, got {n}.")
+    u_max = np.arcsinh(_XI_MAX / _SINH_SCALE)
+    u = np.linspace(-u_max, u_max, n)
+    h = u[1] - u[0]
+    x = _SINH_SCALE * np.sinh(u)
+    w = h * _SINH_SCALE * np.cosh(u) * np.exp(-x * x / 2) / np.sqrt(2 * np.pi)
+    return x, w
 
 
 @functools.lru_cache(maxsize=None)
@@ -95,6 +107,16 @@ def _stieltjes_rule(kind: str, n: int):
 # Elementary expectations over arrays of kernels.
 
 
+def _orders(orders):
+    o = {**DEFAULT_ORDERS, **(orders or {})}
+    for k, v in o.items():
+        if k not in DEFAULT_ORDERS:
+            raise ValueError(f"orders: unknown key {k!r}; known keys are {sorted(DEFAULT_ORDERS)}.")
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= v <= 4096:
+            raise ValueError(f"orders[{k!r}] must be an integer in [1, 4096], got {v!r}.")
+    return o
+
+
 def _safe_sqrt(x):
     pos = x > 0
     return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
@@ -111,7 +133,7 @@ def expect_1d(f: Callable, K, *, kinked: bool = False, n: int | None = None):
         x, w = _stieltjes_rule("half", n or DEFAULT_ORDERS["half"])
         x, w = jnp.asarray(x, K.dtype), jnp.asarray(w, K.dtype)
         return jnp.sum(w * (f(s * x) + f(-s * x)), axis=-1)
-    x, w = _gauss_hermite(n or DEFAULT_ORDERS["gh1"])
+    x, w = _sinh_trapezoid(n or DEFAULT_ORDERS["smooth1"])
     x, w = jnp.asarray(x, K.dtype), jnp.asarray(w, K.dtype)
     return jnp.sum(w * f(s * x), axis=-1)
 
@@ -124,8 +146,8 @@ def _cholesky_2x2(K11, K22, K12):
     return _safe_sqrt(K11), s2 * rho, s2 * _safe_sqrt((1.0 - rho) * (1.0 + rho))
 
 
-def _gh_2d(f, K11, K22, K12, n):
-    x, w = _gauss_hermite(n)
+def _smooth_2d(f, K11, K22, K12, n):
+    x, w = _sinh_trapezoid(n)
     dt = jnp.result_type(K11)
     x, w = jnp.asarray(x, dt), jnp.asarray(w, dt)
     l11, l21, l22 = (v[..., None, None] for v in _cholesky_2x2(K11, K22, K12))
@@ -173,11 +195,11 @@ def expect_2d(f: Callable, K11, K22, K12, *, kinked: bool = False, orders: dict 
     ``f`` must broadcast over its two array arguments.  ``kinked=True`` uses the kink-aware polar
     rule (integrand smooth except on the lines z_1 = 0 and z_2 = 0).
     """
-    o = {**DEFAULT_ORDERS, **(orders or {})}
+    o = _orders(orders)
     K11, K22, K12 = jnp.broadcast_arrays(*(jnp.asarray(v) for v in (K11, K22, K12)))
     if kinked:
         return _polar_2d(f, K11, K22, K12, o["arc"], o["radial"])
-    return _gh_2d(f, K11, K22, K12, o["gh2"])
+    return _smooth_2d(f, K11, K22, K12, o["smooth2"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,8 +231,8 @@ def sigma_moments(act: Activation, K, *, quadrature: bool = False, orders=None):
     if act.pair is not None and not quadrature:
         return act.pair(d[:, None], d[None, :], K)
     N = K.shape[0]
-    o = {**DEFAULT_ORDERS, **(orders or {})}
-    nodes = 4 * o["arc"] * o["radial"] if act.kinked else o["gh2"] ** 2
+    o = _orders(orders)
+    nodes = 4 * o["arc"] * o["radial"] if act.kinked else o["smooth2"] ** 2
     rows = max(1, min(N, _MAX_CHUNK_ELEMS // max(1, N * nodes)))
 
     def row_block(args):

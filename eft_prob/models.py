@@ -8,6 +8,7 @@ Both programs use the theory's scaling (W ~ N(0, C_W/n_{ℓ-1}), b ~ N(0, C_b));
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 import numpyro
 import numpyro.distributions as dist
 
@@ -30,7 +31,7 @@ def sample_params(spec: MLPSpec) -> tuple[dict, ...]:
             f"W{ell + 1}",
             dist.Normal(0.0, jnp.sqrt(C_W[ell] / n_in)).expand([n_out, n_in]).to_event(2),
         )
-        if is_concrete(C_b) and float(C_b[ell]) == 0.0:
+        if is_concrete(spec.C_b) and float(np.broadcast_to(np.asarray(spec.C_b), (spec.depth,))[ell]) == 0.0:
             b = jnp.zeros((n_out,), W.dtype)
         else:
             b = numpyro.sample(f"b{ell + 1}", dist.Normal(0.0, jnp.sqrt(C_b[ell])).expand([n_out]).to_event(1))

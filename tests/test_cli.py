@@ -27,7 +27,7 @@ def _write(tmp_path, text, name="spec.toml"):
 
 
 def _one_line_error(capsys):
-    out, err = capsys.readouterr()
+    err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     assert lines[0].startswith("eft-prob: error: ")
@@ -47,8 +47,18 @@ def test_default_run_smoke_writes_summary(tmp_path, capsys):
     assert sorted(os.listdir(out)) == ["summary.json", "summary.md"]  # no temporary files left
 
     summary = json.loads((out / "summary.json").read_text())
-    for key in ("spec", "model", "data", "theory", "ensemble", "comparison", "verdict", "max_abs_z", "timings_s",
-                "warnings"):
+    for key in (
+        "spec",
+        "model",
+        "data",
+        "theory",
+        "ensemble",
+        "comparison",
+        "verdict",
+        "max_abs_z",
+        "timings_s",
+        "warnings",
+    ):
         assert key in summary
     assert summary["smoke"] is True
     assert summary["warnings"] == []  # the default spec is numerically clean
@@ -63,7 +73,7 @@ def test_default_run_smoke_writes_summary(tmp_path, capsys):
         for k in ("theory", "ensemble", "stderr", "z", "dev_prior_scale"):
             assert isinstance(r[k], float) and math.isfinite(r[k]), (k, r)
         assert r["stderr"] > 0
-        assert r["z"] == pytest.approx((r["ensemble"] - r["theory"]) / r["stderr"])
+        assert r["z"] == pytest.approx((r["ensemble"] - r["theory"]) / max(r["stderr"], 1e-8 * r["scale"]))
 
     md = (out / "summary.md").read_text()
     assert "| quantity |" in md and summary["verdict"] in md
@@ -180,3 +190,32 @@ def test_smoke_from_environment(monkeypatch):
     assert not cli._smoke_from_env()
     sizes = cli._sizes(cli.load_spec(None), smoke=True)
     assert sizes == cli.SMOKE_CAPS
+
+
+# -- the statistics of the comparison table ------------------------------------------------------
+
+
+def test_variance_standard_error_matches_gaussian_formula():
+    s = np.random.default_rng(0).standard_normal((200_000, 1, 1)) * 2.0
+    var, se = cli._var_se(s)
+    assert var[0, 0] == pytest.approx(4.0, rel=0.02)
+    assert se[0, 0] == pytest.approx(4.0 * np.sqrt(2 / s.shape[0]), rel=0.02)  # Var(s²) = 2σ⁴ for a Gaussian
+
+
+def test_deterministic_outputs_give_zero_z_not_nan():
+    """Trained outputs pinned by the data have zero spread in theory and ensemble alike."""
+    data = cli.Data(np.zeros((1, 1)), np.zeros((1, 1)), np.array([[0.5]]), np.zeros((1, 1)))
+    th = {
+        "prior_variance": np.array([[1.0]]),
+        "trained_mean": np.array([[0.3]]),
+        "trained_variance": np.array([[1e-12]]),
+    }
+    sim = {
+        "prior": np.random.default_rng(1).standard_normal((500, 1, 1)),
+        "trained": np.full((50, 1, 1), 0.3),
+    }
+    rows = cli._compare(th, sim, data)
+    assert [r["quantity"] for r in rows] == ["prior variance", "trained mean", "trained variance"]
+    for r in rows:
+        assert math.isfinite(r["z"])
+    assert abs(rows[1]["z"]) < 1e-6 and abs(rows[2]["z"]) < 1e-3

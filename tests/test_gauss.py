@@ -18,7 +18,7 @@ KERNELS_2x2 = [(1.3, 0.7, 0.5), (1.0, 1.0, 0.999), (2.0, 0.3, -0.7), (0.5, 0.5, 
 def test_closed_form_matches_quadrature(name, K):
     act = get_activation(name)
     cf = gauss.pair_moments(act, *K)
-    q = gauss.pair_moments(act, *K, quadrature=True, orders={"gh2": 96})
+    q = gauss.pair_moments(act, *K, quadrature=True, orders={"smooth2": 96})
     for a, b in zip(cf, q):
         assert abs(float(a) - float(b)) < 1e-10 * max(1.0, abs(float(a)))
 
@@ -51,13 +51,13 @@ def test_single_input_scale_invariant_moments():
             assert float(gauss.expect_1d(lambda z: act.grad(z) ** 2, K, kinked=True)) == pytest.approx(act.A2, rel=1e-12)
 
 
-def test_plain_gauss_hermite_converges_across_kinks_and_polar_rule_is_exact():
-    """Plain Gauss–Hermite converges only algebraically for ReLU; the kink-aware rule is exact."""
+def test_smooth_rule_converges_slowly_across_kinks_and_polar_rule_is_exact():
+    """A rule for smooth integrands converges only algebraically for ReLU; the kink-aware one is exact."""
     relu = get_activation("relu")
     K = (1.3, 0.7, 0.5)
     exact = float(gauss.pair_moments(relu, *K)[1])  # <σ'σ'>: a step-function product, the hardest case
     f = lambda a, b: relu.grad(a) * relu.grad(b)
-    errs = [abs(float(gauss.expect_2d(f, *K, orders={"gh2": n})) - exact) for n in (8, 16, 32, 64, 128)]
+    errs = [abs(float(gauss.expect_2d(f, *K, orders={"smooth2": n})) - exact) for n in (8, 16, 32, 64, 128)]
     assert all(e2 < e1 for e1, e2 in zip(errs[1::2], errs[3::2])) or errs[-1] < errs[0] / 4
     assert errs[-1] < errs[0] / 4  # converging ...
     assert errs[-1] > 1e-6  # ... slowly: this is why the polar rule exists
@@ -72,7 +72,7 @@ def test_matrix_moments_closed_vs_quadrature():
     for name in ["relu", "erf", "sin", "leaky_relu"]:
         act = get_activation(name)
         c = gauss.sigma_moments(act, K)
-        q = gauss.sigma_moments(act, K, quadrature=True, orders={"gh2": 96})
+        q = gauss.sigma_moments(act, K, quadrature=True, orders={"smooth2": 96})
         for a, b in zip(c, q):
             np.testing.assert_allclose(a, b, atol=1e-10, rtol=1e-10)
 
@@ -142,3 +142,30 @@ def test_user_callable_runs_through_kernels():
     ref = ep.MLPSpec(2, (8,), 1, "tanh", C_W=1.0)
     X = np.array([[1.0, 0.5], [-0.3, 0.8]])
     np.testing.assert_allclose(ep.theory.nngp(spec, X), ep.theory.nngp(ref, X), rtol=1e-13)
+
+
+@pytest.mark.filterwarnings("ignore::scipy.integrate.IntegrationWarning")
+@pytest.mark.parametrize("K", [0.1, 1.0, 4.0, 16.0])
+def test_tanh_quadrature_against_adaptive_integration(K):
+    """The smooth rule stays accurate for steep (saturating) activations, where Gauss–Hermite is not."""
+    from scipy import integrate
+
+    tanh = get_activation("tanh")
+    f = lambda x: np.tanh(np.sqrt(K) * x) ** 2 * np.exp(-x * x / 2) / np.sqrt(2 * np.pi)
+    ref = integrate.quad(f, -12, 12, epsabs=1e-15, epsrel=1e-14, limit=500)[0]
+    Kmat = jnp.array([[K, 0.3 * K], [0.3 * K, K]])
+    ss, _ = gauss.sigma_moments(tanh, Kmat)
+    assert float(ss[0, 0]) == pytest.approx(ref, rel=1e-11)
+    assert float(gauss.expect_1d(lambda z: jnp.tanh(z) ** 2, K)) == pytest.approx(ref, rel=1e-12)
+    g = lambda y, x: (np.tanh(np.sqrt(K) * x) * np.tanh(np.sqrt(K) * (0.3 * x + np.sqrt(0.91) * y))
+                      * np.exp(-(x * x + y * y) / 2) / (2 * np.pi))
+    ref2 = integrate.dblquad(g, -10, 10, -10, 10, epsabs=1e-12, epsrel=1e-11)[0]
+    assert float(ss[0, 1]) == pytest.approx(ref2, rel=1e-9, abs=1e-12)
+
+
+def test_bad_quadrature_orders():
+    act = get_activation("tanh")
+    with pytest.raises(ValueError, match="smooth2"):
+        gauss.pair_moments(act, 1.0, 1.0, 0.5, orders={"smooth2": 0})
+    with pytest.raises(ValueError, match="unknown key"):
+        gauss.pair_moments(act, 1.0, 1.0, 0.5, orders={"gh2": 64})

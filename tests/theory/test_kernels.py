@@ -65,7 +65,7 @@ def test_quadrature_path_equals_closed_form_kernels(name):
     X = np.random.default_rng(1).normal(size=(4, 2))
     spec = ep.MLPSpec(2, (8,) * 4, 1, name, C_b=0.1, C_W=1.4, lambda_b=0.3)
     a = ep.theory.kernels(spec, X)
-    b = ep.theory.kernels(spec, X, quadrature=True, orders={"gh2": 96})
+    b = ep.theory.kernels(spec, X, quadrature=True, orders={"smooth2": 96})
     np.testing.assert_allclose(a.nngp, b.nngp, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(a.ntk, b.ntk, rtol=1e-10, atol=1e-12)
 
@@ -105,7 +105,7 @@ def test_depth_100_is_finite_and_psd(name, C_W):
     spec = ep.MLPSpec(2, (64,) * 99, 1, name, C_b=0.1, C_W=C_W)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ep.RegularizationWarning)  # clipping is allowed, NaN is not
-        k = ep.theory.kernels(spec, X, orders={"gh2": 32})
+        k = ep.theory.kernels(spec, X, orders={"smooth2": 32})
     for M in (k.nngp[-1], k.ntk[-1]):
         M = np.asarray(M)
         assert np.all(np.isfinite(M))
