@@ -27,7 +27,7 @@ from numpyro.distributions.util import lazy_property, validate_sample
 from ._config import precision_scope
 from ._validate import check_inputs, check_order, check_positive, check_targets
 from .spec import MLPSpec
-from .theory import kernels as _kernels
+from .theory.kernels import output_kernels as _kernels
 from .theory.bayes import gp_moments
 from .theory.training import gd_moments
 
@@ -167,7 +167,7 @@ class NetworkPrior(KernelGaussian):
         check_positive("noise_var", noise_var, strict=False)
         with precision_scope(spec, X, noise_var):
             X = check_inputs(spec, X)
-            K = _kernels(spec, X).nngp[-1]
+            K = _kernels(spec, X).nngp
             loc = jnp.zeros((X.shape[0], spec.output_dim), K.dtype)
             cov = K + noise_var * jnp.eye(K.shape[0], dtype=K.dtype)
             tril = _cholesky(cov, jitter, jnp.mean(jnp.diagonal(K)))
@@ -194,7 +194,7 @@ class BayesianPosterior(KernelGaussian):
             X_test = check_inputs(spec, X_test, "X_test")
             y = check_targets(spec, y, X.shape[0])
             nA = X.shape[0]
-            K = _kernels(spec, jnp.concatenate([X, X_test])).nngp[-1]
+            K = _kernels(spec, jnp.concatenate([X, X_test])).nngp
             m, S = gp_moments(K[:nA, :nA], K[:nA, nA:], K[nA:, nA:], y, noise_var)
             if include_noise:
                 S = S + noise_var * jnp.eye(S.shape[0], dtype=S.dtype)
@@ -225,8 +225,7 @@ class TrainedNetwork(KernelGaussian):
             X_test = check_inputs(spec, X_test, "X_test")
             y = check_targets(spec, y, X.shape[0])
             nA = X.shape[0]
-            k = _kernels(spec, jnp.concatenate([X, X_test]))
-            K, T = k.nngp[-1], k.ntk[-1]
+            K, T = _kernels(spec, jnp.concatenate([X, X_test]))
             m, S = gd_moments(K[:nA, :nA], K[:nA, nA:], K[nA:, nA:], T[:nA, :nA], T[nA:, :nA], y,
                               learning_rate, steps)
             tril = _cholesky(S, jitter, jnp.mean(jnp.diagonal(K[nA:, nA:])))

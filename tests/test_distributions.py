@@ -55,8 +55,11 @@ def test_log_prob_matches_scipy_and_entropy(case):
     v = d.sample(jax.random.key(2), (3,))
     ref = stats.multivariate_normal(np.asarray(d.mean).ravel(), np.asarray(d.covariance_matrix),
                                     allow_singular=True)
-    np.testing.assert_allclose(d.log_prob(v), ref.logpdf(np.asarray(v).reshape(3, -1)), rtol=1e-8)
-    assert float(d.entropy()) == pytest.approx(ref.entropy(), rel=1e-8)
+    # scipy works from the eigenvalues of the reconstructed covariance; with the jittered
+    # zero-variance test point (eigenvalue ~1e-11) that costs it ~7 digits, hence rel 1e-7
+    rtol = 1e-7 if case.startswith("trained") else 1e-10
+    np.testing.assert_allclose(d.log_prob(v), ref.logpdf(np.asarray(v).reshape(3, -1)), rtol=rtol)
+    assert float(d.entropy()) == pytest.approx(ref.entropy(), rel=rtol)
 
 
 def test_two_draws_differ_and_moments_match_samples(case):

@@ -18,11 +18,11 @@ import jax
 import jax.numpy as jnp
 
 from .. import gauss
-from .._config import float64_theory
+from .._config import float64_theory, is_concrete
 from .._validate import check_inputs, check_psd
 from ..spec import MLPSpec
 
-__all__ = ["Kernels", "kernels", "nngp", "ntk"]
+__all__ = ["Kernels", "kernels", "nngp", "ntk", "output_kernels"]
 
 
 class Kernels(NamedTuple):
@@ -42,30 +42,67 @@ class Kernels(NamedTuple):
 
 def _first_layer(spec: MLPSpec, X):
     G0 = X @ X.T / spec.input_dim
+    G0 = (G0 + G0.T) / 2  # the only symmetrization: every later step preserves exact symmetry
     C_b, C_W = spec.layer_values("C_b")[0], spec.layer_values("C_W")[0]
     l_b, l_W = spec.layer_values("lambda_b")[0], spec.layer_values("lambda_W")[0]
     return C_b + C_W * G0, l_b + l_W * G0
 
 
-def _kernel_stack(spec: MLPSpec, X, quadrature: bool, orders) -> Kernels:
+def _kernel_stack(spec: MLPSpec, X, quadrature: bool = False, orders=None, stack: bool = True):
+    """The recursion; ``stack=False`` returns only the output layer (no (L, N, N) buffers)."""
     act = spec.activation
+    orders = dict(orders) if orders else None
     K1, T1 = _first_layer(spec, X)
     if spec.depth == 1:
-        return Kernels(K1[None], T1[None])
+        return Kernels(K1[None], T1[None]) if stack else Kernels(K1, T1)
     hyper = tuple(spec.layer_values(k)[1:] for k in ("C_b", "C_W", "lambda_b", "lambda_W"))
 
     def step(carry, h):
         K, T = carry
         C_b, C_W, l_b, l_W = h
+        # Closed forms are symmetric in (α, β) exactly and sigma_moments symmetrizes quadrature,
+        # so K and Θ stay exactly symmetric without a transpose per layer (a large cost on CPU).
         ss, dd = gauss.sigma_moments(act, K, quadrature=quadrature, orders=orders)
-        K_next = C_b + C_W * ss
-        T_next = l_b + l_W * ss + C_W * dd * T
-        K_next = (K_next + K_next.T) / 2
-        T_next = (T_next + T_next.T) / 2
-        return (K_next, T_next), (K_next, T_next)
+        nxt = (C_b + C_W * ss, l_b + l_W * ss + C_W * dd * T)
+        return nxt, (nxt if stack else None)
 
-    _, (Ks, Ts) = jax.lax.scan(step, (K1, T1), hyper)
-    return Kernels(jnp.concatenate([K1[None], Ks]), jnp.concatenate([T1[None], Ts]))
+    (K_L, T_L), ys = jax.lax.scan(step, (K1, T1), hyper)
+    if not stack:
+        return Kernels(K_L, T_L)
+    return Kernels(jnp.concatenate([K1[None], ys[0]]), jnp.concatenate([T1[None], ys[1]]))
+
+
+# One compiled recursion per (architecture, shapes, options): eager calls reuse it instead of
+# re-tracing the scan every time.  The spec is a pytree argument, so C_b, C_W, λ stay traceable.
+_kernel_stack_jit = jax.jit(_kernel_stack, static_argnames=("quadrature", "orders", "stack"))
+
+
+@jax.jit
+def _cholesky_ok(K):
+    return jnp.all(jnp.isfinite(jnp.linalg.cholesky(K)))
+
+
+def _regularized(out: Kernels) -> Kernels:
+    """Eager PSD check of the output-layer kernels (see eft_prob._validate.check_psd)."""
+    K_L, T_L = (out.nngp[-1], out.ntk[-1]) if out.nngp.ndim == 3 else (out.nngp, out.ntk)
+    if bool(_cholesky_ok(K_L)) and bool(_cholesky_ok(T_L)):
+        return out  # exactly symmetric and positive definite: nothing to change
+    K_L = check_psd(K_L, "The NNGP kernel K^(L)")
+    T_L = check_psd(T_L, "The NTK Θ^(L)")
+    if out.nngp.ndim == 2:
+        return Kernels(K_L, T_L)
+    return Kernels(out.nngp.at[-1].set(K_L), out.ntk.at[-1].set(T_L))
+
+
+def _compute(spec, X, quadrature, orders, regularize, stack):
+    X = check_inputs(spec, X)
+    key = tuple(sorted(orders.items())) if orders else None
+    if key is not None:
+        gauss._orders(orders)  # validate eagerly, with a clear message
+    if is_concrete(spec, X):
+        out = _kernel_stack_jit(spec, X, quadrature=quadrature, orders=key, stack=stack)
+        return _regularized(out) if regularize else out
+    return _kernel_stack(spec, X, quadrature, key, stack)  # inside a caller's trace
 
 
 @float64_theory
@@ -90,11 +127,14 @@ def kernels(spec: MLPSpec, X, *, quadrature: bool = False, orders: dict | None =
     Kernels
         ``nngp`` and ``ntk``, each (L, N, N) float64.
     """
-    X = check_inputs(spec, X)
-    out = _kernel_stack(spec, X, quadrature, orders)
-    K_L = check_psd(out.nngp[-1], "The NNGP kernel K^(L)", regularize=regularize)
-    T_L = check_psd(out.ntk[-1], "The NTK Θ^(L)", regularize=regularize)
-    return Kernels(out.nngp.at[-1].set(K_L), out.ntk.at[-1].set(T_L))
+    return _compute(spec, X, quadrature, orders, regularize, stack=True)
+
+
+@float64_theory
+def output_kernels(spec: MLPSpec, X, *, quadrature: bool = False, orders: dict | None = None,
+                   regularize: bool = True) -> Kernels:
+    """Like :func:`kernels`, for the output layer only: ``nngp`` and ``ntk`` are (N, N)."""
+    return _compute(spec, X, quadrature, orders, regularize, stack=False)
 
 
 def nngp(spec: MLPSpec, X, *, all_layers: bool = False, **kwargs) -> jax.Array:
@@ -103,8 +143,9 @@ def nngp(spec: MLPSpec, X, *, all_layers: bool = False, **kwargs) -> jax.Array:
     ``E[z_{i;α} z_{j;β}] = δ_ij K_{αβ} + O(1/n)`` for a network drawn from ``spec``'s prior.
     See :func:`kernels` for the keyword arguments.
     """
-    K = kernels(spec, X, **kwargs).nngp
-    return K if all_layers else K[-1]
+    if all_layers:
+        return kernels(spec, X, **kwargs).nngp
+    return output_kernels(spec, X, **kwargs).nngp
 
 
 def ntk(spec: MLPSpec, X, *, all_layers: bool = False, **kwargs) -> jax.Array:
@@ -113,5 +154,6 @@ def ntk(spec: MLPSpec, X, *, all_layers: bool = False, **kwargs) -> jax.Array:
     ``E[Ĥ_{ij;αβ}] = δ_ij Θ_{αβ} + O(1/n)`` with Ĥ = Σ_μν λ_μν ∂z/∂θ_μ ∂z/∂θ_ν.
     See :func:`kernels` for the keyword arguments.
     """
-    T = kernels(spec, X, **kwargs).ntk
-    return T if all_layers else T[-1]
+    if all_layers:
+        return kernels(spec, X, **kwargs).ntk
+    return output_kernels(spec, X, **kwargs).ntk
