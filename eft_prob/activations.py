@@ -92,26 +92,30 @@ def _asin_jvp(primals, tangents):
     return _asin(x), t * jax.lax.rsqrt(jnp.maximum(1.0 - x * x, jnp.finfo(jnp.result_type(x)).tiny))
 
 
-def _safe_arccos(rho):
-    # double-where: exact values at ±1 and finite (zero) gradients there instead of ∞·0 = NaN.
-    inside = jnp.abs(rho) < 1.0
-    psi = jnp.pi / 2 - _asin(jnp.where(inside, rho, 0.0))
-    return jnp.where(inside, psi, jnp.where(rho >= 1.0, 0.0, jnp.pi))
-
-
 @jax.custom_jvp
-def _arcsin_kernel(rho):
-    """g(ρ) = √(1-ρ²) + ρ·arcsin ρ; g' = arcsin ρ is finite on [-1, 1] although each term's is not."""
+def _arc_cosine_angles(rho):
+    """(g(ρ), ψ) = (√(1-ρ²) + ρ arcsin ρ, arccos ρ) from a single arcsin evaluation.
+
+    Derivatives: g' = arcsin ρ (finite on [-1, 1]); ψ' = -1/√(1-ρ²), set to 0 at |ρ| = 1 exactly
+    (a double-where: finite, exact values at ±1 instead of ∞·0 = NaN).
+    """
     inside = jnp.abs(rho) < 1.0
     r = jnp.where(inside, rho, 0.0)
-    val = jnp.sqrt(1.0 - r * r) + r * _asin(r)
-    return jnp.where(inside, val, jnp.abs(rho) * jnp.pi / 2)
+    a = _asin(r)
+    g = jnp.where(inside, jnp.sqrt(1.0 - r * r) + r * a, jnp.abs(rho) * jnp.pi / 2)
+    psi = jnp.where(inside, jnp.pi / 2 - a, jnp.where(rho >= 1.0, 0.0, jnp.pi))
+    return g, psi
 
 
-@_arcsin_kernel.defjvp
-def _arcsin_kernel_jvp(primals, tangents):
+@_arc_cosine_angles.defjvp
+def _arc_cosine_angles_jvp(primals, tangents):
     (rho,), (t,) = primals, tangents
-    return _arcsin_kernel(rho), _asin(jnp.clip(rho, -1.0, 1.0)) * t
+    g, psi = _arc_cosine_angles(rho)
+    inside = jnp.abs(rho) < 1.0
+    r = jnp.where(inside, rho, 0.0)
+    dpsi = jnp.where(inside, -jax.lax.rsqrt(1.0 - r * r), 0.0)
+    a = jnp.where(inside, jnp.pi / 2 - psi, jnp.sign(rho) * jnp.pi / 2)
+    return (g, psi), (a * t, dpsi * t)
 
 
 def _scale_invariant_pair(a_plus: float, a_minus: float):
@@ -121,8 +125,8 @@ def _scale_invariant_pair(a_plus: float, a_minus: float):
 
     def pair(K11, K22, K12):
         rho, s = _safe_corr(K11, K22, K12)
-        psi = _safe_arccos(rho)
-        ss = c1 * K12 + c2 * (2 / jnp.pi) * s * _arcsin_kernel(rho)
+        g, psi = _arc_cosine_angles(rho)
+        ss = c1 * K12 + c2 * (2 / jnp.pi) * s * g
         dd = A2 * (jnp.pi - psi) / jnp.pi + a_plus * a_minus * psi / jnp.pi
         return ss, dd
 
