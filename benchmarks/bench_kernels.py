@@ -33,8 +33,11 @@ import sys
 def _early_blas_threads(argv):
     """--blas-threads must act before NumPy / SciPy load OpenBLAS, so it is read here, not by argparse."""
     for i, a in enumerate(argv):
-        value = a.split("=", 1)[1] if a.startswith("--blas-threads=") else (
-            argv[i + 1] if a == "--blas-threads" and i + 1 < len(argv) else None)
+        value = (
+            a.split("=", 1)[1]
+            if a.startswith("--blas-threads=")
+            else (argv[i + 1] if a == "--blas-threads" and i + 1 < len(argv) else None)
+        )
         if value is not None:
             for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
                 os.environ[var] = value
@@ -222,9 +225,11 @@ def eft_kernels(act, C_W, X, repeats):
             "warnings": sorted({f"{w.category.__name__}: {w.message}" for w in caught}),
         },
     }
-    outs = {"jit": (np.asarray(out.nngp), np.asarray(out.ntk)),
-            "output": (np.asarray(out_last.nngp)[None], np.asarray(out_last.ntk)[None]),
-            "eager": (np.asarray(out_eager.nngp), np.asarray(out_eager.ntk))}
+    outs = {
+        "jit": (np.asarray(out.nngp), np.asarray(out.ntk)),
+        "output": (np.asarray(out_last.nngp)[None], np.asarray(out_last.ntk)[None]),
+        "eager": (np.asarray(out_eager.nngp), np.asarray(out_eager.ntk)),
+    }
     return rows, outs
 
 
@@ -234,8 +239,8 @@ def numpy_kernels(act, C_W, X, repeats, rows, outs):
     t_np, (K_np, T_np) = timed(np_fn, repeats)
     errors = {}
     for mode, (K, T) in outs.items():
-        errors[f"nngp_{mode}_vs_numpy"] = rel_err_layers(K, K_np[-K.shape[0]:])
-        errors[f"ntk_{mode}_vs_numpy"] = rel_err_layers(T, T_np[-T.shape[0]:])
+        errors[f"nngp_{mode}_vs_numpy"] = rel_err_layers(K, K_np[-K.shape[0] :])
+        errors[f"ntk_{mode}_vs_numpy"] = rel_err_layers(T, T_np[-T.shape[0] :])
     for row in rows.values():
         row["numpy"] = stats(t_np)
         row["errors"] = errors
@@ -257,8 +262,17 @@ def eft_gd(act, C_W, X, y, X_test, eta, repeats):
     def jit_gd(steps):
         def f(X, y, Xt):
             K, T = output_kernels(spec, jnp.concatenate([X, Xt]), regularize=False)
-            return gd_moments(K[:nA, :nA], K[:nA, nA:], K[nA:, nA:], T[:nA, :nA], T[nA:, :nA], y,
-                              None if steps is None else eta, steps)
+            return gd_moments(
+                K[:nA, :nA],
+                K[:nA, nA:],
+                K[nA:, nA:],
+                T[:nA, :nA],
+                T[nA:, :nA],
+                y,
+                None if steps is None else eta,
+                steps,
+            )
+
         jf = jax.jit(f)
         return lambda: jf(Xj, yj, Xtj)
 
@@ -293,8 +307,7 @@ def numpy_gd(act, C_W, X, y, X_test, eta, repeats, rows, outs):
     for key, row in rows.items():
         steps = row["steps"]
         if steps not in cache:
-            np_fn = lambda steps=steps: np_gd_prediction(act, X, y, X_test, 0.0, C_W, eta, steps,
-                                                         len(HIDDEN) + 1)
+            np_fn = lambda steps=steps: np_gd_prediction(act, X, y, X_test, 0.0, C_W, eta, steps, len(HIDDEN) + 1)
             np_fn()
             cache[steps] = timed(np_fn, repeats)
         t_np, (mean_np, cov_np) = cache[steps]
@@ -308,14 +321,20 @@ def numpy_gd(act, C_W, X, y, X_test, eta, repeats, rows, outs):
 
 def print_table(results, meta):
     print()
-    print(f"eft_prob {meta['eft_prob']}  jax {meta['jax']}  numpy {meta['numpy']}  "
-          f"CPU: {meta['cpu_count']} cores  backend {meta['backend']}  float64")
+    print(
+        f"eft_prob {meta['eft_prob']}  jax {meta['jax']}  numpy {meta['numpy']}  "
+        f"CPU: {meta['cpu_count']} cores  backend {meta['backend']}  float64"
+    )
     print(f"OPENBLAS_NUM_THREADS={meta['OPENBLAS_NUM_THREADS']}  XLA_FLAGS={meta['XLA_FLAGS']}")
-    print(f"load average at start {meta['loadavg_start']}, at end {meta['loadavg_end']} "
-          "(other processes slow every figure down; compare 'min')")
+    print(
+        f"load average at start {meta['loadavg_start']}, at end {meta['loadavg_end']} "
+        "(other processes slow every figure down; compare 'min')"
+    )
     print()
-    hdr = (f"{'case':68s} {'eft min':>9s} {'median':>8s} {'max':>8s} {'compile':>8s} "
-           f"{'numpy min':>9s} {'np/eft':>7s} {'target':>7s}  status  {'max rel err':>11s}")
+    hdr = (
+        f"{'case':68s} {'eft min':>9s} {'median':>8s} {'max':>8s} {'compile':>8s} "
+        f"{'numpy min':>9s} {'np/eft':>7s} {'target':>7s}  status  {'max rel err':>11s}"
+    )
     print(hdr)
     print("-" * len(hdr))
     for r in results.values():
@@ -326,10 +345,12 @@ def print_table(results, meta):
         status = "" if tgt is None else ("ok" if e["min"] <= tgt else "MISS")
         err = max(r["errors"].values())
         ms = lambda s: f"{1e3 * s:7.1f}ms"
-        print(f"{r['what']:68s} {ms(e['min']):>9s} {ms(e['median']):>8s} {ms(e['max']):>8s} "
-              f"{ms(comp):>8s} {ms(n['min']):>9s} {ratio:7.2f} "
-              f"{'' if tgt is None else ms(tgt):>7s}  {status:6s}  {err:11.1e}"
-              f"{'' if err <= TOL else '  > tol!'}")
+        print(
+            f"{r['what']:68s} {ms(e['min']):>9s} {ms(e['median']):>8s} {ms(e['max']):>8s} "
+            f"{ms(comp):>8s} {ms(n['min']):>9s} {ratio:7.2f} "
+            f"{'' if tgt is None else ms(tgt):>7s}  {status:6s}  {err:11.1e}"
+            f"{'' if err <= TOL else '  > tol!'}"
+        )
         for w in r.get("warnings", []):
             print(f"    warning: {w[:150]}")
     print()
@@ -347,8 +368,12 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (default 5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
-    p.add_argument("--blas-threads", metavar="N", help="set OPENBLAS/OMP/MKL_NUM_THREADS=N for this run "
-                   "(default: leave the environment as it is); see benchmarks/README.md")
+    p.add_argument(
+        "--blas-threads",
+        metavar="N",
+        help="set OPENBLAS/OMP/MKL_NUM_THREADS=N for this run "
+        "(default: leave the environment as it is); see benchmarks/README.md",
+    )
     args = p.parse_args(argv)
     if args.repeats < 1 or args.n_inputs < 2 or args.n_train < 2 or args.n_test < 1:
         p.error("need --repeats >= 1, --n-inputs >= 2, --n-train >= 2, --n-test >= 1")

@@ -12,7 +12,7 @@ from ._config import RegularizationWarning, is_concrete
 
 _ROUNDOFF = 100 * float(np.finfo(np.float64).eps)
 
-__all__ = ["check_inputs", "check_targets", "check_positive", "check_psd", "check_order"]
+__all__ = ["check_inputs", "check_order", "check_positive", "check_psd", "check_targets"]
 
 
 def check_inputs(spec, X, name: str = "X") -> jax.Array:
@@ -61,9 +61,7 @@ def check_positive(name: str, value, *, strict: bool = True):
 
 def check_order(order) -> int:
     if order not in (0, 1) or isinstance(order, bool):
-        raise ValueError(
-            f"order must be 0 (infinite width, Gaussian) or 1 (with 1/n corrections), got {order!r}."
-        )
+        raise ValueError(f"order must be 0 (infinite width, Gaussian) or 1 (with 1/n corrections), got {order!r}.")
     return int(order)
 
 
@@ -80,8 +78,7 @@ def check_psd(K, what: str, *, regularize: bool = True) -> jax.Array:
         return K
     if not bool(jnp.all(jnp.isfinite(K))):
         raise FloatingPointError(
-            f"{what} has NaN or infinite entries: the recursion overflowed. Lower C_W, the depth, or "
-            "the input scale."
+            f"{what} has NaN or infinite entries: the recursion overflowed. Lower C_W, the depth, or the input scale."
         )
     if K.ndim != 2:
         return K

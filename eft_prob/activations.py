@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Activation", "get_activation", "register_activation", "ACTIVATIONS"]
+__all__ = ["ACTIVATIONS", "Activation", "get_activation", "register_activation"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -51,14 +51,36 @@ def _safe_corr(K11, K22, K12):
 # arcsin as a rational approximation in plain jnp ops (Cephes asin.c, S. L. Moshier), accurate to
 # ~2e-16 relative in float64: XLA:CPU lowers jnp.arcsin/arccos to scalar calls that cost ~7x more,
 # and the closed-form kernels evaluate one per input pair and layer.
-_ASIN_P = (4.253011369004428248960e-3, -6.019598008014123785661e-1, 5.444622390564711410273e0,
-           -1.626247967210700244449e1, 1.956261983317594739197e1, -8.198089802484824371615e0)
-_ASIN_Q = (1.0, -1.474091372988853791896e1, 7.049610280856842141659e1, -1.471791292232726029859e2,
-           1.395105614657485689735e2, -4.918853881490881290097e1)
-_ASIN_R = (2.967721961301243206100e-3, -5.634242780008963776856e-1, 6.968710824104713396794e0,
-           -2.556901049652824852289e1, 2.853665548261061424989e1)
-_ASIN_S = (1.0, -2.194779531642920639778e1, 1.470656354026814941758e2, -3.838770957603691357202e2,
-           3.424398657913078477438e2)
+_ASIN_P = (
+    4.253011369004428248960e-3,
+    -6.019598008014123785661e-1,
+    5.444622390564711410273e0,
+    -1.626247967210700244449e1,
+    1.956261983317594739197e1,
+    -8.198089802484824371615e0,
+)
+_ASIN_Q = (
+    1.0,
+    -1.474091372988853791896e1,
+    7.049610280856842141659e1,
+    -1.471791292232726029859e2,
+    1.395105614657485689735e2,
+    -4.918853881490881290097e1,
+)
+_ASIN_R = (
+    2.967721961301243206100e-3,
+    -5.634242780008963776856e-1,
+    6.968710824104713396794e0,
+    -2.556901049652824852289e1,
+    2.853665548261061424989e1,
+)
+_ASIN_S = (
+    1.0,
+    -2.194779531642920639778e1,
+    1.470656354026814941758e2,
+    -3.838770957603691357202e2,
+    3.424398657913078477438e2,
+)
 
 
 def _polevl(x, coeffs):
@@ -194,7 +216,7 @@ class Activation:
     def taylor(self) -> tuple[float, float, float, float]:
         """(σ(0), σ'(0), σ''(0), σ'''(0)) by automatic differentiation (float64)."""
         with jax.enable_x64(True):
-            f = lambda z: self.fn(z)  # noqa: E731
+            f = lambda z: self.fn(z)
             z0 = jnp.float64(0.0)
             d1 = jax.grad(f)
             d2 = jax.grad(d1)
@@ -223,7 +245,7 @@ def _leaky(a: float):
 
 def _scale_invariant(name, a_plus, a_minus):
     fn = _leaky(a_minus) if a_plus == 1.0 else (lambda z: jnp.where(z >= 0, a_plus * z, a_minus * z))
-    grad = lambda z: jnp.where(jnp.asarray(z) >= 0, a_plus, a_minus) * jnp.ones_like(z)  # noqa: E731
+    grad = lambda z: jnp.where(jnp.asarray(z) >= 0, a_plus, a_minus) * jnp.ones_like(z)
     A2 = (a_plus**2 + a_minus**2) / 2
     return Activation(
         name,
@@ -238,7 +260,7 @@ def _scale_invariant(name, a_plus, a_minus):
 
 
 def _make_registry() -> dict[str, Activation]:
-    gelu = lambda z: jax.nn.gelu(z, approximate=False)  # noqa: E731
+    gelu = lambda z: jax.nn.gelu(z, approximate=False)
     erf_fn = jax.scipy.special.erf
     reg = {
         "relu": _scale_invariant("relu", 1.0, 0.0),
@@ -255,9 +277,7 @@ def _make_registry() -> dict[str, Activation]:
             critical=(0.0, math.pi / 4),
             pair=_erf_pair,
         ),
-        "sin": Activation(
-            "sin", jnp.sin, grad=jnp.cos, universality="K*=0", critical=(0.0, 1.0), pair=_sin_pair
-        ),
+        "sin": Activation("sin", jnp.sin, grad=jnp.cos, universality="K*=0", critical=(0.0, 1.0), pair=_sin_pair),
         "gelu": Activation("gelu", gelu, universality="half-stable"),
         "swish": Activation("swish", jax.nn.swish, universality="half-stable"),
         "sigmoid": Activation(
@@ -322,6 +342,4 @@ def get_activation(activation) -> Activation:
             )
         universality, critical = _k_star_zero_critical(activation)
         return Activation(name, activation, universality=universality, critical=critical)
-    raise ValueError(
-        f"activation must be a name, a callable or an Activation, got {type(activation).__name__}."
-    )
+    raise ValueError(f"activation must be a name, a callable or an Activation, got {type(activation).__name__}.")

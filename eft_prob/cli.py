@@ -133,9 +133,7 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "chunk_size": _Key("int", _ge(1, "a count"), "use a positive integer, or leave it out", True),
     },
     "bayes": {
-        "noise_var": _Key(
-            "float", _gt(0, "a variance"), "use an observation-noise variance > 0, e.g. 0.0025"
-        ),
+        "noise_var": _Key("float", _gt(0, "a variance"), "use an observation-noise variance > 0, e.g. 0.0025"),
     },
 }
 
@@ -318,9 +316,7 @@ def _validate(raw: dict, source: str, defaults: dict | None) -> Config:
             "output_dim = 1."
         )
     hyper = {
-        k: tuple(v) if isinstance(v, list) else v
-        for k, v in m.items()
-        if k in ("C_b", "C_W", "lambda_b", "lambda_W")
+        k: tuple(v) if isinstance(v, list) else v for k, v in m.items() if k in ("C_b", "C_W", "lambda_b", "lambda_W")
     }
     try:
         spec = MLPSpec(m["input_dim"], tuple(m["hidden"]), m["output_dim"], m["activation"], **hyper)
@@ -348,9 +344,7 @@ def load_spec(path: str | None = None) -> Config:
             "default (a copy is models/default.toml)."
         ) from None
     except (OSError, UnicodeDecodeError) as e:
-        raise SpecError(
-            f"{path}: cannot read the spec file ({e}). Fix: pass a readable UTF-8 TOML file."
-        ) from None
+        raise SpecError(f"{path}: cannot read the spec file ({e}). Fix: pass a readable UTF-8 TOML file.") from None
     return _validate(_parse(text, path), path, default_raw)
 
 
@@ -500,9 +494,7 @@ def _theory(log: _Log, cfg: Config, data: Data, steps: int) -> dict:
     noise_var = cfg["bayes"]["noise_var"]
     X_all = np.concatenate([data.X, data.X_test])
     nA = data.X.shape[0]
-    with log.stage(
-        "theory_kernels", f"theory: NNGP kernel K and NTK Θ on {X_all.shape[0]} inputs (train + test)"
-    ):
+    with log.stage("theory_kernels", f"theory: NNGP kernel K and NTK Θ on {X_all.shape[0]} inputs (train + test)"):
         k = kernels(spec, X_all)
         K, T = _np(k.nngp[-1]), _np(k.ntk[-1])
         T_AA = T[:nA, :nA]
@@ -527,8 +519,7 @@ def _theory(log: _Log, cfg: Config, data: Data, steps: int) -> dict:
 
     with log.stage(
         "theory_distributions",
-        f"theory: prior N(0, K), GD-trained p(f) after {steps} steps, Bayesian posterior "
-        f"(noise_var {noise_var:g})",
+        f"theory: prior N(0, K), GD-trained p(f) after {steps} steps, Bayesian posterior (noise_var {noise_var:g})",
     ):
         prior = NetworkPrior(spec, data.X_test)
         trained = TrainedNetwork(spec, data.X, data.y, data.X_test, lr, steps)
@@ -565,9 +556,7 @@ def _simulate(log: _Log, cfg: Config, data: Data, sizes: dict) -> dict:
                 spec, data.X_test, Mp, jax.random.key(cfg["prior"]["seed"]), chunk_size=_chunk(cfg, "prior")
             )
         )
-    with log.stage(
-        "trained_ensemble", f"simulation: {Mt} networks trained by full-batch GD, {steps} steps each"
-    ):
+    with log.stage("trained_ensemble", f"simulation: {Mt} networks trained by full-batch GD, {steps} steps each"):
         res = ensemble.train(
             spec,
             data.X,

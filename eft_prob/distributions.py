@@ -25,13 +25,14 @@ from numpyro.distributions import Distribution, constraints
 from numpyro.distributions.util import lazy_property, validate_sample
 
 from ._config import precision_scope
-from ._validate import check_inputs, check_order, check_positive, check_targets
+from ._validate import check_inputs, check_order, check_positive
 from .spec import MLPSpec
-from .theory.kernels import output_kernels as _kernels
 from .theory.bayes import gp_moments
+from .theory.kernels import output_kernels as _kernels
+from .theory.kernels import train_test_blocks
 from .theory.training import gd_moments
 
-__all__ = ["KernelGaussian", "NetworkPrior", "BayesianPosterior", "TrainedNetwork"]
+__all__ = ["BayesianPosterior", "KernelGaussian", "NetworkPrior", "TrainedNetwork"]
 
 _matrix = constraints.independent(constraints.real, 2)
 
@@ -160,8 +161,7 @@ class NetworkPrior(KernelGaussian):
     :param float jitter: relative diagonal jitter for singular kernels.
     """
 
-    def __init__(self, spec: MLPSpec, X, order: int = 0, *, noise_var=0.0, jitter: float = 1e-10,
-                 validate_args=None):
+    def __init__(self, spec: MLPSpec, X, order: int = 0, *, noise_var=0.0, jitter: float = 1e-10, validate_args=None):
         if check_order(order) == 1:
             raise _not_yet(type(self).__name__)
         check_positive("noise_var", noise_var, strict=False)
@@ -184,21 +184,28 @@ class BayesianPosterior(KernelGaussian):
     of new noisy observations y(X_test) instead of f(X_test).
     """
 
-    def __init__(self, spec: MLPSpec, X, y, X_test, noise_var, order: int = 0, *,
-                 include_noise: bool = False, jitter: float = 1e-10, validate_args=None):
+    def __init__(
+        self,
+        spec: MLPSpec,
+        X,
+        y,
+        X_test,
+        noise_var,
+        order: int = 0,
+        *,
+        include_noise: bool = False,
+        jitter: float = 1e-10,
+        validate_args=None,
+    ):
         if check_order(order) == 1:
             raise _not_yet(type(self).__name__)
         check_positive("noise_var", noise_var)
         with precision_scope(spec, X, y, X_test, noise_var):
-            X = check_inputs(spec, X, "X")
-            X_test = check_inputs(spec, X_test, "X_test")
-            y = check_targets(spec, y, X.shape[0])
-            nA = X.shape[0]
-            K = _kernels(spec, jnp.concatenate([X, X_test])).nngp
-            m, S = gp_moments(K[:nA, :nA], K[:nA, nA:], K[nA:, nA:], y, noise_var)
+            b = train_test_blocks(spec, X, y, X_test)
+            m, S = gp_moments(b.K_AA, b.K_AB, b.K_BB, b.y, noise_var)
             if include_noise:
                 S = S + noise_var * jnp.eye(S.shape[0], dtype=S.dtype)
-            tril = _cholesky(S, jitter, jnp.mean(jnp.diagonal(K[nA:, nA:])))
+            tril = _cholesky(S, jitter, jnp.mean(jnp.diagonal(b.K_BB)))
         loc, tril = _ambient(m, tril)
         self.order = 0
         super().__init__(loc, tril, validate_args=validate_args)
@@ -214,21 +221,27 @@ class TrainedNetwork(KernelGaussian):
     triggers a :class:`~eft_prob.StabilityWarning`.
     """
 
-    def __init__(self, spec: MLPSpec, X, y, X_test, learning_rate=None, steps: int | None = None,
-                 order: int = 0, *, jitter: float = 1e-10, validate_args=None):
+    def __init__(
+        self,
+        spec: MLPSpec,
+        X,
+        y,
+        X_test,
+        learning_rate=None,
+        steps: int | None = None,
+        order: int = 0,
+        *,
+        jitter: float = 1e-10,
+        validate_args=None,
+    ):
         if check_order(order) == 1:
             raise _not_yet(type(self).__name__)
         if learning_rate is not None:
             check_positive("learning_rate", learning_rate)
         with precision_scope(spec, X, y, X_test, learning_rate):
-            X = check_inputs(spec, X, "X")
-            X_test = check_inputs(spec, X_test, "X_test")
-            y = check_targets(spec, y, X.shape[0])
-            nA = X.shape[0]
-            K, T = _kernels(spec, jnp.concatenate([X, X_test]))
-            m, S = gd_moments(K[:nA, :nA], K[:nA, nA:], K[nA:, nA:], T[:nA, :nA], T[nA:, :nA], y,
-                              learning_rate, steps)
-            tril = _cholesky(S, jitter, jnp.mean(jnp.diagonal(K[nA:, nA:])))
+            b = train_test_blocks(spec, X, y, X_test)
+            m, S = gd_moments(b.K_AA, b.K_AB, b.K_BB, b.T_AA, b.T_BA, b.y, learning_rate, steps)
+            tril = _cholesky(S, jitter, jnp.mean(jnp.diagonal(b.K_BB)))
         loc, tril = _ambient(m, tril)
         self.order = 0
         super().__init__(loc, tril, validate_args=validate_args)

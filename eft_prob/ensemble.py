@@ -17,7 +17,7 @@ from . import nn
 from ._validate import check_inputs, check_targets
 from .spec import MLPSpec
 
-__all__ = ["prior_outputs", "train", "TrainResult", "auto_chunk"]
+__all__ = ["TrainResult", "auto_chunk", "prior_outputs", "train"]
 
 _CHUNK_BYTES = 256 * 2**20
 
@@ -42,13 +42,12 @@ def _chunked(fn, keys, chunk, *args):
     if pad:
         keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], pad, axis=0)])
     vf = jax.jit(jax.vmap(fn, in_axes=(0,) + (None,) * len(args)))
-    outs = [vf(keys[c * chunk:(c + 1) * chunk], *args) for c in range(n_chunks)]
+    outs = [vf(keys[c * chunk : (c + 1) * chunk], *args) for c in range(n_chunks)]
     out = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs)[:M], *outs)
     return out
 
 
-def prior_outputs(spec: MLPSpec, X, n_networks: int, key, *, chunk_size: int | None = None,
-                  layers: bool = False):
+def prior_outputs(spec: MLPSpec, X, n_networks: int, key, *, chunk_size: int | None = None, layers: bool = False):
     """Outputs f(X) of ``n_networks`` independent networks drawn from the prior.
 
     Returns (M, N, n_L); with ``layers=True`` a list of all preactivations [(M, N, n_ℓ)].
@@ -92,8 +91,18 @@ def _gd_step(spec, lr, eta, X, y):
     return loss_fn, step
 
 
-def train(spec: MLPSpec, X, y, X_test, n_networks: int, learning_rate: float, steps: int, key, *,
-          chunk_size: int | None = None) -> TrainResult:
+def train(
+    spec: MLPSpec,
+    X,
+    y,
+    X_test,
+    n_networks: int,
+    learning_rate: float,
+    steps: int,
+    key,
+    *,
+    chunk_size: int | None = None,
+) -> TrainResult:
     """Train ``n_networks`` independent networks by full-batch GD on L = ½ Σ (f(X) − y)².
 
     Parameter updates use the theory's learning-rate tensor: W^(ℓ) ← W − η λ_W/n_{ℓ-1} ∂L/∂W,
@@ -116,8 +125,13 @@ def train(spec: MLPSpec, X, y, X_test, n_networks: int, learning_rate: float, st
     def one(k, X, X_test):
         p0 = nn.init(spec, k, X.dtype)
         p, _ = jax.lax.scan(step, p0, None, length=steps)
-        return (nn.apply(spec, p0, X), nn.apply(spec, p0, X_test), nn.apply(spec, p, X),
-                nn.apply(spec, p, X_test), loss_fn(p))
+        return (
+            nn.apply(spec, p0, X),
+            nn.apply(spec, p0, X_test),
+            nn.apply(spec, p, X),
+            nn.apply(spec, p, X_test),
+            loss_fn(p),
+        )
 
     out = _chunked(one, jax.random.split(key, M), _check_count("chunk_size", chunk), X, X_test)
     return TrainResult(*out)

@@ -31,11 +31,11 @@ import numpy as np
 from .activations import Activation, _safe_corr
 
 __all__ = [
+    "DEFAULT_ORDERS",
     "expect_1d",
     "expect_2d",
     "pair_moments",
     "sigma_moments",
-    "DEFAULT_ORDERS",
 ]
 
 #: Default quadrature orders: nodes of the sinh-mapped trapezoid rule for smooth integrands in one
@@ -51,7 +51,7 @@ _MAX_CHUNK_ELEMS = 4_000_000
 # Rules (numpy, float64, cached).
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sinh_trapezoid(n: int):
     """Nodes/weights for ∫ f(ξ) e^{-ξ²/2}/√(2π) dξ: trapezoid in u, ξ = s·sinh(u), |ξ| <= 9."""
     if n < 3:
@@ -64,12 +64,12 @@ def _sinh_trapezoid(n: int):
     return x, w
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _gauss_legendre(n: int):
     return np.polynomial.legendre.leggauss(n)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _stieltjes_rule(kind: str, n: int):
     """Gauss rule for a weight on [0, ∞) by the discretized Stieltjes procedure (stable in float64).
 

@@ -17,7 +17,7 @@ from ._config import is_concrete
 from ._validate import check_inputs, check_positive, check_targets
 from .spec import MLPSpec
 
-__all__ = ["network_prior", "bayesian_mlp", "sample_params"]
+__all__ = ["bayesian_mlp", "network_prior", "sample_params"]
 
 
 def sample_params(spec: MLPSpec) -> tuple[dict, ...]:

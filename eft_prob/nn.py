@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from .spec import MLPSpec
 
-__all__ = ["init", "apply", "preactivations", "learning_rates", "empirical_ntk", "param_count"]
+__all__ = ["apply", "empirical_ntk", "init", "learning_rates", "param_count", "preactivations"]
 
 
 def init(spec: MLPSpec, key, dtype=None) -> tuple[dict, ...]:

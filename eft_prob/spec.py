@@ -74,7 +74,7 @@ class MLPSpec:
     lambda_W: float | Sequence[float] = 1.0
 
     def __post_init__(self):
-        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
+        set_ = lambda k, v: object.__setattr__(self, k, v)
         set_("input_dim", _positive_int("input_dim", self.input_dim))
         set_("output_dim", _positive_int("output_dim", self.output_dim))
         hidden = self.hidden
@@ -101,8 +101,7 @@ class MLPSpec:
         arr = np.asarray(value, dtype=float) if not isinstance(value, jax.Array) else np.asarray(value)
         if arr.ndim > 1 or (arr.ndim == 1 and arr.shape[0] != L):
             raise ValueError(
-                f"MLPSpec: {name} must be a scalar or a sequence of L={L} per-layer values, "
-                f"got shape {arr.shape}."
+                f"MLPSpec: {name} must be a scalar or a sequence of L={L} per-layer values, got shape {arr.shape}."
             )
         if not np.all(np.isfinite(arr)):
             raise ValueError(f"MLPSpec: {name} must be finite, got {value!r}.")

@@ -53,8 +53,7 @@ def test_shapes_and_infer_shapes(case):
 def test_log_prob_matches_scipy_and_entropy(case):
     d = _make(case)
     v = d.sample(jax.random.key(2), (3,))
-    ref = stats.multivariate_normal(np.asarray(d.mean).ravel(), np.asarray(d.covariance_matrix),
-                                    allow_singular=True)
+    ref = stats.multivariate_normal(np.asarray(d.mean).ravel(), np.asarray(d.covariance_matrix), allow_singular=True)
     # scipy works from the eigenvalues of the reconstructed covariance; with the jittered
     # zero-variance test point (eigenvalue ~1e-11) that costs it ~7 digits, hence rel 1e-7
     rtol = 1e-7 if case.startswith("trained") else 1e-10

@@ -44,11 +44,15 @@ def test_single_input_scale_invariant_moments():
     for name in ["relu", "leaky_relu", "linear"]:
         act = get_activation(name)
         for K in [0.3, 2.0]:
-            assert float(gauss.expect_1d(lambda z: act(z) ** 2, K, kinked=True)) == pytest.approx(act.A2 * K, rel=1e-12)
-            assert float(gauss.expect_1d(lambda z: act(z) ** 4, K, kinked=True)) == pytest.approx(
+            assert float(gauss.expect_1d(lambda z, act=act: act(z) ** 2, K, kinked=True)) == pytest.approx(
+                act.A2 * K, rel=1e-12
+            )
+            assert float(gauss.expect_1d(lambda z, act=act: act(z) ** 4, K, kinked=True)) == pytest.approx(
                 3 * act.A4 * K**2, rel=1e-12
             )
-            assert float(gauss.expect_1d(lambda z: act.grad(z) ** 2, K, kinked=True)) == pytest.approx(act.A2, rel=1e-12)
+            assert float(gauss.expect_1d(lambda z, act=act: act.grad(z) ** 2, K, kinked=True)) == pytest.approx(
+                act.A2, rel=1e-12
+            )
 
 
 def test_smooth_rule_converges_slowly_across_kinks_and_polar_rule_is_exact():
@@ -61,8 +65,9 @@ def test_smooth_rule_converges_slowly_across_kinks_and_polar_rule_is_exact():
     assert all(e2 < e1 for e1, e2 in zip(errs[1::2], errs[3::2])) or errs[-1] < errs[0] / 4
     assert errs[-1] < errs[0] / 4  # converging ...
     assert errs[-1] > 1e-6  # ... slowly: this is why the polar rule exists
-    polar = [abs(float(gauss.expect_2d(f, *K, kinked=True, orders={"arc": m, "radial": 16})) - exact)
-             for m in (2, 4, 8)]
+    polar = [
+        abs(float(gauss.expect_2d(f, *K, kinked=True, orders={"arc": m, "radial": 16})) - exact) for m in (2, 4, 8)
+    ]
     assert polar[-1] < 1e-12
 
 
@@ -157,8 +162,12 @@ def test_tanh_quadrature_against_adaptive_integration(K):
     ss, _ = gauss.sigma_moments(tanh, Kmat)
     assert float(ss[0, 0]) == pytest.approx(ref, rel=1e-11)
     assert float(gauss.expect_1d(lambda z: jnp.tanh(z) ** 2, K)) == pytest.approx(ref, rel=1e-12)
-    g = lambda y, x: (np.tanh(np.sqrt(K) * x) * np.tanh(np.sqrt(K) * (0.3 * x + np.sqrt(0.91) * y))
-                      * np.exp(-(x * x + y * y) / 2) / (2 * np.pi))
+    g = lambda y, x: (
+        np.tanh(np.sqrt(K) * x)
+        * np.tanh(np.sqrt(K) * (0.3 * x + np.sqrt(0.91) * y))
+        * np.exp(-(x * x + y * y) / 2)
+        / (2 * np.pi)
+    )
     ref2 = integrate.dblquad(g, -10, 10, -10, 10, epsabs=1e-12, epsrel=1e-11)[0]
     assert float(ss[0, 1]) == pytest.approx(ref2, rel=1e-9, abs=1e-12)
 

@@ -23,8 +23,11 @@ def test_network_prior_sites_and_kernel():
     se = emp.std(0, ddof=1) / np.sqrt(emp.shape[0])
     # Gaussian-limit kernel within sampling error + the O(L/n) finite-width shift
     assert np.all(np.abs(emp.mean(0) - K) < 4 * se + 0.03 * np.abs(K))
-    np.testing.assert_allclose(pred["f"][0], ep.nn.apply(spec, tuple(
-        {"W": pred[f"W{l}"][0], "b": pred[f"b{l}"][0]} for l in (1, 2, 3)), X), rtol=1e-12)
+    np.testing.assert_allclose(
+        pred["f"][0],
+        ep.nn.apply(spec, tuple({"W": pred[f"W{l}"][0], "b": pred[f"b{l}"][0]} for l in (1, 2, 3)), X),
+        rtol=1e-12,
+    )
 
 
 def test_zero_bias_variance_has_no_bias_site():

@@ -16,7 +16,7 @@ from jax.scipy.linalg import cho_solve
 from .._config import float64_theory
 from .training import GaussianPrediction
 
-__all__ = ["gp_moments", "gp_posterior", "gp_log_evidence", "log_evidence"]
+__all__ = ["gp_log_evidence", "gp_moments", "gp_posterior", "log_evidence"]
 
 
 def gp_moments(K_AA, K_AB, K_BB, y, noise_var) -> GaussianPrediction:
@@ -37,28 +37,15 @@ def gp_log_evidence(K_AA, y, noise_var) -> jax.Array:
     return -0.5 * jnp.sum(w * w) - 0.5 * nL * (logdet + nA * jnp.log(2 * jnp.pi))
 
 
-def _blocks(spec, X, y, X_test=None):
-    from .._validate import check_inputs, check_targets
-    from .kernels import nngp
-
-    X = check_inputs(spec, X, "X")
-    y = check_targets(spec, y, X.shape[0])
-    if X_test is None:
-        return nngp(spec, X), None, None, y
-    X_test = check_inputs(spec, X_test, "X_test")
-    nA = X.shape[0]
-    K = nngp(spec, jnp.concatenate([X, X_test]))
-    return K[:nA, :nA], K[:nA, nA:], K[nA:, nA:], y
-
-
 @float64_theory
 def gp_posterior(spec, X, y, X_test, noise_var) -> GaussianPrediction:
     """Infinite-width Bayesian posterior predictive of f(X_test) (see ``BayesianPosterior``)."""
     from .._validate import check_positive
+    from .kernels import train_test_blocks
 
     check_positive("noise_var", noise_var)
-    K_AA, K_AB, K_BB, y = _blocks(spec, X, y, X_test)
-    return gp_moments(K_AA, K_AB, K_BB, y, noise_var)
+    b = train_test_blocks(spec, X, y, X_test)
+    return gp_moments(b.K_AA, b.K_AB, b.K_BB, b.y, noise_var)
 
 
 @float64_theory
@@ -74,6 +61,10 @@ def log_evidence(spec, X, y, noise_var, *, order: int = 0) -> jax.Array:
         raise NotImplementedError(
             "log_evidence(order=1) needs the four-point vertex (finite-width issue); use order=0."
         )
+    from .._validate import check_inputs, check_targets
+    from .kernels import nngp
+
     check_positive("noise_var", noise_var)
-    K_AA, _, _, y = _blocks(spec, X, y)
-    return gp_log_evidence(K_AA, y, noise_var)
+    X = check_inputs(spec, X, "X")
+    y = check_targets(spec, y, X.shape[0])
+    return gp_log_evidence(nngp(spec, X), y, noise_var)

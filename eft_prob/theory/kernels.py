@@ -22,7 +22,7 @@ from .._config import float64_theory, is_concrete
 from .._validate import check_inputs, check_psd
 from ..spec import MLPSpec
 
-__all__ = ["Kernels", "kernels", "nngp", "ntk", "output_kernels"]
+__all__ = ["Blocks", "Kernels", "kernels", "nngp", "ntk", "output_kernels", "train_test_blocks"]
 
 
 class Kernels(NamedTuple):
@@ -106,8 +106,9 @@ def _compute(spec, X, quadrature, orders, regularize, stack):
 
 
 @float64_theory
-def kernels(spec: MLPSpec, X, *, quadrature: bool = False, orders: dict | None = None,
-            regularize: bool = True) -> Kernels:
+def kernels(
+    spec: MLPSpec, X, *, quadrature: bool = False, orders: dict | None = None, regularize: bool = True
+) -> Kernels:
     """NNGP kernels and NTKs of all L layers for inputs X of shape (N, n_0).
 
     Parameters
@@ -131,8 +132,9 @@ def kernels(spec: MLPSpec, X, *, quadrature: bool = False, orders: dict | None =
 
 
 @float64_theory
-def output_kernels(spec: MLPSpec, X, *, quadrature: bool = False, orders: dict | None = None,
-                   regularize: bool = True) -> Kernels:
+def output_kernels(
+    spec: MLPSpec, X, *, quadrature: bool = False, orders: dict | None = None, regularize: bool = True
+) -> Kernels:
     """Like :func:`kernels`, for the output layer only: ``nngp`` and ``ntk`` are (N, N)."""
     return _compute(spec, X, quadrature, orders, regularize, stack=False)
 
@@ -157,3 +159,26 @@ def ntk(spec: MLPSpec, X, *, all_layers: bool = False, **kwargs) -> jax.Array:
     if all_layers:
         return kernels(spec, X, **kwargs).ntk
     return output_kernels(spec, X, **kwargs).ntk
+
+
+class Blocks(NamedTuple):
+    """Output-layer kernels split into training (A) and test (B) blocks, with checked targets y."""
+
+    y: jax.Array
+    K_AA: jax.Array
+    K_AB: jax.Array
+    K_BB: jax.Array
+    T_AA: jax.Array
+    T_BA: jax.Array
+
+
+def train_test_blocks(spec: MLPSpec, X, y, X_test) -> Blocks:
+    """Validate (X, y, X_test) and compute K and Θ on A ∪ B in one pass (called inside a float64 scope)."""
+    from .._validate import check_targets
+
+    X = check_inputs(spec, X, "X")
+    X_test = check_inputs(spec, X_test, "X_test")
+    y = check_targets(spec, y, X.shape[0])
+    nA = X.shape[0]
+    K, T = output_kernels(spec, jnp.concatenate([X, X_test]))
+    return Blocks(y, K[:nA, :nA], K[:nA, nA:], K[nA:, nA:], T[:nA, :nA], T[nA:, :nA])

@@ -88,13 +88,7 @@ def gd_prediction(spec, X, y, X_test, learning_rate=None, steps=None) -> Gaussia
 
     See :class:`eft_prob.distributions.TrainedNetwork` for the distribution object.
     """
-    from .._validate import check_inputs, check_targets
-    from .kernels import output_kernels
+    from .kernels import train_test_blocks
 
-    X = check_inputs(spec, X, "X")
-    X_test = check_inputs(spec, X_test, "X_test")
-    y = check_targets(spec, y, X.shape[0])
-    nA = X.shape[0]
-    K, T = output_kernels(spec, jnp.concatenate([X, X_test]))
-    return gd_moments(K[:nA, :nA], K[:nA, nA:], K[nA:, nA:], T[:nA, :nA], T[nA:, :nA], y,
-                      learning_rate, steps)
+    b = train_test_blocks(spec, X, y, X_test)
+    return gd_moments(b.K_AA, b.K_AB, b.K_BB, b.T_AA, b.T_BA, b.y, learning_rate, steps)

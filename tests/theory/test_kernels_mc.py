@@ -59,7 +59,7 @@ def _ntk_mean(spec, X, n_networks, key, chunk=250):
 
     f = jax.jit(jax.vmap(one))
     keys = jax.random.split(key, n_networks)
-    out = np.concatenate([np.asarray(f(keys[c:c + chunk])) for c in range(0, n_networks, chunk)])
+    out = np.concatenate([np.asarray(f(keys[c : c + chunk])) for c in range(0, n_networks, chunk)])
     return out.mean(0), out.std(0, ddof=1) / np.sqrt(n_networks)
 
 

@@ -1,7 +1,6 @@
 """Infinite-width GD training: exact linear dynamics, convergence, and real trained ensembles."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -93,12 +92,18 @@ def test_trained_network_matches_gd_trained_ensembles_with_error_shrinking_with_
     d = TrainedNetwork(spec0, XA3, YA3, XB, learning_rate=eta, steps=steps)
     th_mean, th_var = np.asarray(d.mean[:, 0]), np.asarray(d.variance[:, 0])
     # P_t from the same theory (mean = P_t y): recover it column by column
-    P = np.stack([np.asarray(ep.theory.gd_prediction(spec0, XA3, np.eye(3)[:, [k]], XB, eta, steps).mean[:, 0])
-                  for k in range(3)], axis=1)
+    P = np.stack(
+        [
+            np.asarray(ep.theory.gd_prediction(spec0, XA3, np.eye(3)[:, [k]], XB, eta, steps).mean[:, 0])
+            for k in range(3)
+        ],
+        axis=1,
+    )
     means, mses, vars_, vses = [], [], [], []
     for i, n in enumerate(widths):
-        r = ep.ensemble.train(spec0.replace(hidden=(n, n)), XA3, YA3, XB, M, eta, steps,
-                              jax.random.key(300 + i), chunk_size=1)
+        r = ep.ensemble.train(
+            spec0.replace(hidden=(n, n)), XA3, YA3, XB, M, eta, steps, jax.random.key(300 + i), chunk_size=1
+        )
         f = np.asarray(r.test_final[:, :, 0])
         g = np.asarray(r.test_init[:, :, 0]) - np.asarray(r.train_init[:, :, 0]) @ P.T
         h = f - g
