@@ -7,7 +7,8 @@ SPEC is a TOML file (``models/default.toml`` documents every key; the same file 
 ``eft_prob/data/default.toml`` and used when SPEC is omitted).  The spec is validated completely
 before anything is computed: a mistake exits with status 2 and one line naming the file, the key
 and the fix.  The program switches JAX to float64 (the library itself never does), and on the CPU
-backend it picks ensemble batch sizes that suit a CPU unless the spec sets ``chunk_size``.
+backend the ensembles use batch sizes that suit a CPU (eft_prob.ensemble.auto_chunk) unless the
+spec sets ``chunk_size``.
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ SMOKE_CAPS = {"prior_networks": 256, "training_networks": 16, "steps": 100}
 #: Networks per compiled batch on the CPU backend when the spec does not say (measured on a 2-core
 #: CPU, width 256: vmapping many networks at once is memory-bound there, and training one network
 #: per batch was 1.6× faster than the library's accelerator-sized default).
-_CPU_CHUNK = {"prior": 16, "training": 1}
 
 _GENERATORS = ("sine",)
 _Z_FLAG = 3.0  # |z| above this is flagged in the table and the verdict
@@ -454,10 +454,7 @@ def _smoke_from_env() -> bool:
 
 
 def _chunk(cfg: Config, section: str):
-    size = cfg[section]["chunk_size"]
-    if size is None and jax.default_backend() == "cpu":
-        size = _CPU_CHUNK[section]
-    return size
+    return cfg[section]["chunk_size"]  # None: the library's backend-aware default
 
 
 def _sizes(cfg: Config, smoke: bool) -> dict:
