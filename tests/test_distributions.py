@@ -180,3 +180,20 @@ def test_nuts_with_distribution_as_likelihood():
     c = np.asarray(mcmc.get_samples()["C_W"])
     assert int(mcmc.get_extra_fields()["diverging"].sum()) == 0
     assert abs(c.mean() - 1.5) < 4 * c.std() + 0.05
+
+
+@pytest.mark.slow
+def test_every_distribution_as_likelihood_under_nuts(case):
+    """Each class works as ``obs=`` under NUTS with a latent C_W, and the posterior covers the truth."""
+    data = _make(case, SPEC.replace(C_W=1.5)).sample(jax.random.key(11), (20,))
+
+    def model(y):
+        c = numpyro.sample("C_W", dist.LogNormal(0.0, 0.5))
+        with numpyro.plate("datasets", y.shape[0]):
+            numpyro.sample("y", _make(case, SPEC.replace(C_W=c)), obs=y)
+
+    mcmc = MCMC(NUTS(model), num_warmup=60, num_samples=60, progress_bar=False)
+    mcmc.run(jax.random.key(12), data, extra_fields=("diverging",))
+    c = np.asarray(mcmc.get_samples()["C_W"])
+    assert np.all(np.isfinite(c)) and int(mcmc.get_extra_fields()["diverging"].sum()) == 0
+    assert abs(c.mean() - 1.5) < 5 * c.std() + 0.05
