@@ -246,3 +246,191 @@ def sigma_moments(act: Activation, K, *, quadrature: bool = False, orders=None):
         ss, dd = ss.reshape(N, N), dd.reshape(N, N)
     # Quadrature is symmetric only up to rounding; the recursions assume exact symmetry.
     return (ss + ss.T) / 2, (dd + dd.T) / 2
+
+
+# --------------------------------------------------------------------------------------------
+# Expectations over up to four sample indices (the four-point vertex needs ⟨σσσσ⟩_K).
+#
+# Tensor rules in whitened coordinates z = Lξ, L the lower-triangular (pivot-free, PSD-safe)
+# Cholesky factor of the m×m kernel, so z_k depends on ξ_1..ξ_k only.  The integrand is evaluated
+# on a nested grid: z_k lives on the n^k grid of (ξ_1..ξ_k) (trailing singleton axes), so a
+# product Π_k f_k(z_k) costs n + n² + ... + n^m evaluations, and the weighted sum is reduced
+# innermost axis first.
+#
+# * smooth integrands: the sinh-mapped trapezoid rule per axis, with the map's scale adapted to
+#   the kernel: ξ = s·sinh(u), s = 1.5·min(1, 1/√K_max), |ξ| <= 7 + 2(1.5 - s).  Near-polynomial
+#   integrands (small K) want a wide, almost uniform rule (large s); steep ones (tanh at large K)
+#   want nodes crowded at the centre (small s).  Measured on 1-D tanh moments, 24 nodes give
+#   <= 1e-7 relative error for 0.01 <= K <= 10 (the fixed s = 0.5 rule: 4e-5 at K = 0.05).
+# * integrands with kinks at z_k = 0: a nested split rule.  Given ξ_1..ξ_{k-1}, the kink of z_k
+#   sits at ξ_k = t = -(Σ_{j<k} L_kj ξ_j)/L_kk; the ξ_k integral is split there and each half-line
+#   gets the q-point Gauss rule of the truncated normal weight (interpolated in t from a cached
+#   table), on which the integrand is analytic.  After the innermost integration the remaining
+#   integrand is analytic except on the kinks of the outer z's, which the outer splits resolve,
+#   so the rule converges exponentially in q (plain tensor rules converge algebraically).  The
+#   inner integrals smooth the outer integrand only on the scale of the conditional standard
+#   deviations, so strongly correlated inputs need more nodes: ReLU ⟨σσσσ⟩ with q = 8 is accurate
+#   to ~1e-10 relative for correlations ~0.5 and to ~1e-7 for correlations ~0.8-0.9.
+
+#: Default orders of :func:`expect_nd` for m = 3, 4 (m = 1, 2 use expect_1d / expect_2d):
+#: sinh-trapezoid nodes per axis for smooth integrands (32 / 24: ~1e-10 / ~1e-7 relative for
+#: tanh-like σ), Gauss nodes per half-line for kinked ones (10 / 8: ~1e-7 or better).
+ND_ORDERS = {"smooth3": 32, "smooth4": 24, "kink3": 10, "kink4": 8}
+_TN_T, _TN_STEP = 8.5, 0.01
+
+
+@functools.cache
+def _truncated_normal_table(q: int):
+    """q-point Gauss rules for the weight φ(ξ) on [t, ∞), t on a uniform grid in [-T, T].
+
+    Discretized Stieltjes procedure (composite Gauss–Legendre, 40 panels × 40 nodes on
+    [t, max(t, 0) + 13]) followed by Golub–Welsch, vectorized over t.
+    """
+    grid = np.arange(-_TN_T, _TN_T + _TN_STEP / 2, _TN_STEP)
+    gt, gw = _gauss_legendre(40)
+    hi = np.maximum(grid, 0.0) + 13.0
+    edges = grid[:, None] + (hi - grid)[:, None] * np.linspace(0.0, 1.0, 41)[None, :]
+    a_, b_ = edges[:, :-1, None], edges[:, 1:, None]
+    x = ((a_ + b_) / 2 + (b_ - a_) / 2 * gt).reshape(len(grid), -1)
+    w = ((b_ - a_) / 2 * gw).reshape(len(grid), -1) * np.exp(-x * x / 2) / np.sqrt(2 * np.pi)
+    mass = w.sum(1, keepdims=True)
+    alpha = np.zeros((len(grid), q))
+    beta = np.zeros((len(grid), q))
+    p_prev = np.zeros_like(x)
+    p = np.ones_like(x) / np.sqrt(mass)
+    for k in range(q):
+        alpha[:, k] = np.sum(w * x * p * p, 1)
+        nxt = (x - alpha[:, k : k + 1]) * p - (np.sqrt(beta[:, k : k + 1]) * p_prev if k > 0 else 0.0)
+        if k + 1 < q:
+            beta[:, k + 1] = np.sum(w * nxt * nxt, 1)
+            p_prev, p = p, nxt / np.sqrt(beta[:, k + 1 : k + 2])
+    J = np.zeros((len(grid), q, q))
+    idx = np.arange(q)
+    J[:, idx, idx] = alpha
+    off = np.sqrt(beta[:, 1:])
+    J[:, idx[:-1], idx[1:]] = off
+    J[:, idx[1:], idx[:-1]] = off
+    nodes, vecs = np.linalg.eigh(J)
+    weights = mass * vecs[:, 0, :] ** 2
+    return grid, nodes, weights
+
+
+def _right_half_rule(t, q: int):
+    """Nodes and weights (..., q) for ∫_t^∞ φ(ξ) g(ξ) dξ (cubic interpolation of the table in t)."""
+    grid, X, W = _truncated_normal_table(q)
+    dt = jnp.result_type(t)
+    X, W = jnp.asarray(X, dt), jnp.asarray(W, dt)
+    tc = jnp.clip(t, -_TN_T, _TN_T)
+    s = (tc + _TN_T) / _TN_STEP
+    i = jnp.clip(jnp.floor(s).astype(jnp.int32) - 1, 0, len(grid) - 4)
+    f = (s - i)[..., None]
+    lag = (
+        -(f - 1) * (f - 2) * (f - 3) / 6,
+        f * (f - 2) * (f - 3) / 2,
+        -f * (f - 1) * (f - 3) / 2,
+        f * (f - 1) * (f - 2) / 6,
+    )
+    x = sum(c * X[i + k] for k, c in enumerate(lag))
+    w = sum(c * W[i + k] for k, c in enumerate(lag))
+    # Exact total mass (the interpolated weights are accurate to ~1e-10 absolute).
+    w = w * (jax.scipy.special.ndtr(-tc) / jnp.sum(w, -1))[..., None]
+    return x, w
+
+
+def _cholesky_psd(K):
+    """Lower-triangular L with L Lᵀ = K for (..., m, m) PSD K, as a nested list of arrays L[i][j].
+
+    Pivots below 1e-13·K_kk (duplicated or collinear inputs, rounding) are set to zero together
+    with their column, so singular kernels give exact zeros instead of noise / NaN.
+    """
+    m = K.shape[-1]
+    L = [[None] * m for _ in range(m)]
+    for k in range(m):
+        Kkk = K[..., k, k]
+        d = Kkk - sum((L[k][j] ** 2 for j in range(k)), jnp.zeros_like(Kkk))
+        ok = d > 1e-13 * jnp.abs(Kkk)
+        lkk = jnp.where(ok, jnp.sqrt(jnp.where(ok, d, 1.0)), 0.0)
+        inv = jnp.where(ok, 1.0 / jnp.where(ok, lkk, 1.0), 0.0)
+        L[k][k] = lkk
+        for i in range(k + 1, m):
+            num = K[..., i, k] - sum((L[i][j] * L[k][j] for j in range(k)), jnp.zeros_like(Kkk))
+            L[i][k] = num * inv
+    return L
+
+
+def _nested_nodes(K, kinked: bool, n: int):
+    """Nested rule for (..., m, m) kernels K: lists zs, ws with, for each axis k = 0..m-1,
+
+    zs[k] of shape (..., n×(k+1), 1×(m-k-1)) — z_k on the grid of ξ_0..ξ_k — and ws[k]
+    broadcastable to (..., n×(k+1)) — the weights of ξ_k given ξ_0..ξ_{k-1}.  ``n`` is the number
+    of nodes per axis (for kinked rules 2q: q per half-line).
+    """
+    m = K.shape[-1]
+    L = _cholesky_psd(K)
+    batch = K.shape[:-2]
+    dt = K.dtype
+    g = lambda a, k: a[(...,) + (None,) * k]  # append k singleton axes
+    xis, ws = [], []
+    if not kinked:
+        kmax = jax.lax.stop_gradient(jnp.max(jnp.diagonal(K, axis1=-2, axis2=-1), axis=-1))
+        s = 1.5 * jnp.minimum(1.0, jax.lax.rsqrt(jnp.maximum(kmax, 1e-300)))
+        xmax = 7.0 + 2.0 * (1.5 - s)
+        umax = jnp.arcsinh(xmax / s)
+        u = umax[..., None] * jnp.linspace(-1.0, 1.0, n, dtype=dt)
+        h = (2.0 * umax / (n - 1))[..., None]
+        x = s[..., None] * jnp.sinh(u)
+        w = h * s[..., None] * jnp.cosh(u) * jnp.exp(-x * x / 2) / np.sqrt(2 * np.pi)
+        for k in range(m):
+            shape = batch + (1,) * k + (n,)
+            xis.append(x.reshape(shape))
+            ws.append(w.reshape(shape))
+    else:
+        q = n // 2
+        for k in range(m):
+            c = sum((g(L[k][j], k) * g(xis[j], k - 1 - j) for j in range(k)), jnp.zeros(batch + (1,) * k, dt))
+            lkk = g(L[k][k], k)
+            pos = lkk > 0
+            t = jnp.where(pos, -c / jnp.where(pos, lkk, 1.0), 0.0)
+            xr, wr = _right_half_rule(t, q)
+            xl, wl = _right_half_rule(-t, q)
+            xis.append(jnp.concatenate([-xl, xr], axis=-1))
+            ws.append(jnp.concatenate([wl, wr], axis=-1))
+    zs = []
+    for k in range(m):
+        z = sum(g(L[k][j], k + 1) * g(xis[j], k - j) for j in range(k + 1))
+        zs.append(g(z, m - k - 1))
+    return zs, ws
+
+
+def expect_nd(f: Callable, K, *, kinked: bool = False, n: int | None = None, orders: dict | None = None):
+    """⟨f(z_1, ..., z_m)⟩ for z ~ N(0, K), K of shape (..., m, m) with m <= 4, over the batch axes.
+
+    ``f`` takes m arrays that broadcast against each other (z_k varies along grid axes 1..k only,
+    so products of one-variable functions are cheap) and may return extra *leading* axes (e.g.
+    several moments stacked on axis 0); the result then has those axes in front of the batch axes.
+    m = 1 and m = 2 use :func:`expect_1d` / :func:`expect_2d` (``orders`` as there); m = 3, 4 the
+    nested tensor rules described above, with ``n`` nodes per axis (smooth) or ``n // 2`` per
+    half-line (kinked); defaults in :data:`ND_ORDERS`.  Singular K (repeated inputs) is allowed.
+    Differentiable in K; evaluate large batches in chunks (the grid has n^m points per kernel).
+    """
+    K = jnp.asarray(K)
+    if K.ndim < 2 or K.shape[-1] != K.shape[-2] or not 1 <= K.shape[-1] <= 4:
+        raise ValueError(f"expect_nd: K must have shape (..., m, m) with 1 <= m <= 4, got {K.shape}.")
+    m = K.shape[-1]
+    if m == 1:
+        kw = {"n": n} if n else {"n": _orders(orders)["half" if kinked else "smooth1"]}
+        return expect_1d(f, K[..., 0, 0], kinked=kinked, **kw)
+    if m == 2:
+        return expect_2d(f, K[..., 0, 0], K[..., 1, 1], K[..., 0, 1], kinked=kinked, orders=orders)
+    if n is None:
+        n = ND_ORDERS[f"kink{m}"] * 2 if kinked else ND_ORDERS[f"smooth{m}"]
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < (4 if kinked else 3) or n > 4096:
+        raise ValueError(f"expect_nd: n must be an integer in [{4 if kinked else 3}, 4096], got {n!r}.")
+    zs, ws = _nested_nodes(K, kinked, int(n))
+    val = f(*zs)
+    for k in range(m - 1, -1, -1):
+        val = jnp.sum(val * ws[k], axis=-1)
+    return val
+
+
+__all__ += ["ND_ORDERS", "expect_nd"]
