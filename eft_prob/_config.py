@@ -16,11 +16,19 @@ float64 (kernels of deep networks span many decades, and 1/n corrections are sma
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 
 import jax
 
-__all__ = ["PrecisionWarning", "RegimeWarning", "RegularizationWarning", "enable_x64"]
+__all__ = [
+    "PrecisionWarning",
+    "RegimeWarning",
+    "RegularizationWarning",
+    "StabilityWarning",
+    "enable_x64",
+    "float64_theory",
+]
 
 
 class PrecisionWarning(UserWarning):
@@ -29,6 +37,10 @@ class PrecisionWarning(UserWarning):
 
 class RegularizationWarning(UserWarning):
     """A kernel was not numerically positive semi-definite and had to be regularized."""
+
+
+class StabilityWarning(UserWarning):
+    """A learning rate at or above the gradient-descent stability bound 2/λ_max(Θ̃)."""
 
 
 class RegimeWarning(UserWarning):
@@ -72,16 +84,8 @@ def is_concrete(*trees) -> bool:
     return not _has_tracer(*trees)
 
 
-class StabilityWarning(UserWarning):
-    """A learning rate at or above the gradient-descent stability bound 2/λ_max(Θ̃)."""
-
-
-__all__ += ["StabilityWarning"]
-
-
 def float64_theory(fn):
     """Decorator: run ``fn`` under :func:`precision_scope` of all its arguments."""
-    import functools
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):

@@ -65,7 +65,7 @@ def check_order(order) -> int:
     return int(order)
 
 
-def check_psd(K, what: str, *, regularize: bool = True) -> jax.Array:
+def check_psd(K, what: str) -> jax.Array:
     """Symmetrize K; when concrete, verify it is positive semi-definite.
 
     A kernel is PSD mathematically; rounding (deep networks, duplicated inputs) can leave
@@ -74,7 +74,7 @@ def check_psd(K, what: str, *, regularize: bool = True) -> jax.Array:
     :class:`RegularizationWarning` that says how much was changed.  NaN/inf raise.
     """
     K = (K + jnp.swapaxes(K, -1, -2)) / 2
-    if not regularize or not is_concrete(K):
+    if not is_concrete(K):
         return K
     if not bool(jnp.all(jnp.isfinite(K))):
         raise FloatingPointError(

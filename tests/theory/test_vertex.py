@@ -32,12 +32,18 @@ def _np(a):
 # Oracles.
 
 
-def test_O5_tanh_single_input_at_criticality():
-    spec = ep.MLPSpec(1, (8,) * 9, 1, "tanh", C_b=0.0, C_W=1.0)
+def _o5_layers(depth):
+    """K, V, K^{1} of every layer for oracle O5: tanh at criticality, one input x = 1, equal widths."""
+    spec = ep.MLPSpec(1, (8,) * (depth - 1), 1, "tanh", C_b=0.0, C_W=1.0)
     X = np.array([[1.0]])
     K = _np(ep.theory.nngp(spec, X, all_layers=True))[:, 0, 0]
     V = _np(four_point_vertex(spec, X, all_layers=True))[:, 0, 0, 0, 0]
     G = _np(nlo_kernel(spec, X, all_layers=True))[:, 0, 0]
+    return K, V, G
+
+
+def test_O5_tanh_single_input_at_criticality():
+    K, V, G = _o5_layers(10)
     table = {2: (0.394294, 0.6273, 0.0000), 3: (0.236450, 1.2128, -0.1308), 5: (0.127905, 2.4083, -0.5334),
              10: (0.058012, 5.5235, -1.8468)}  # fmt: skip
     for l, (k, v, g) in table.items():
@@ -48,11 +54,7 @@ def test_O5_tanh_single_input_at_criticality():
 
 
 def test_O5_tanh_large_depth():
-    spec = ep.MLPSpec(1, (8,) * 59, 1, "tanh", C_b=0.0, C_W=1.0)
-    X = np.array([[1.0]])
-    K = _np(ep.theory.nngp(spec, X, all_layers=True))[:, 0, 0]
-    V = _np(four_point_vertex(spec, X, all_layers=True))[:, 0, 0, 0, 0]
-    G = _np(nlo_kernel(spec, X, all_layers=True))[:, 0, 0]
+    K, V, G = _o5_layers(60)
     for l, v, g in [(20, 11.9649, -4.8625), (40, 25.0796, -11.2638), (60, 38.2892, -17.7994)]:
         assert V[l - 1] / K[l - 1] ** 2 == pytest.approx(v, abs=2e-4)
         assert G[l - 1] / K[l - 1] == pytest.approx(g, abs=2e-4)
