@@ -3,5 +3,17 @@
 from .bayes import gp_posterior, log_evidence
 from .kernels import Kernels, kernels, nngp, ntk, output_kernels
 from .training import gd_prediction
+from .vertex import four_point_vertex, nlo_kernel
 
-__all__ = ["Kernels", "gd_prediction", "gp_posterior", "kernels", "log_evidence", "nngp", "ntk", "output_kernels"]
+__all__ = [
+    "Kernels",
+    "four_point_vertex",
+    "gd_prediction",
+    "gp_posterior",
+    "kernels",
+    "log_evidence",
+    "nlo_kernel",
+    "nngp",
+    "ntk",
+    "output_kernels",
+]
