@@ -14,7 +14,7 @@ Conventions (stated once here and in the README; THEORY.md §0.3, §1):
   user's global setting.
 """
 
-from . import activations, distributions, ensemble, gauss, models, nn, theory
+from . import activations, criticality, distributions, ensemble, gauss, models, nn, theory
 from ._config import (
     PrecisionWarning,
     RegimeWarning,
@@ -35,6 +35,7 @@ __all__ = [
     "RegularizationWarning",
     "StabilityWarning",
     "activations",
+    "criticality",
     "distributions",
     "enable_x64",
     "ensemble",

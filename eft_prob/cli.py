@@ -2,6 +2,8 @@
 
     eft-prob run [SPEC] [--out DIR] [--smoke]     theory + simulation + comparison table
     eft-prob theory [SPEC]                        the analytic (infinite-width) part only
+    eft-prob criticality ACTIVATION [--depth L --width N]
+                                                  universality class, critical points, regime
 
 SPEC is a TOML file (``models/default.toml`` documents every key; the same file is packaged as
 ``eft_prob/data/default.toml`` and used when SPEC is omitted).  The spec is validated completely
@@ -31,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import __version__, enable_x64, ensemble
+from . import __version__, criticality, enable_x64, ensemble
 from .activations import ACTIVATIONS
 from .distributions import BayesianPosterior, NetworkPrior, TrainedNetwork
 from .spec import MLPSpec
@@ -900,6 +902,70 @@ def _cmd_run(args, log: _Log) -> int:
     return 0
 
 
+def _cmd_criticality(args, log: _Log) -> int:
+    problem = _known_activation(args.activation)
+    if problem:
+        known = ", ".join(sorted(ACTIVATIONS))
+        raise SpecError(f"activation {json.dumps(args.activation)} {problem}. Fix: use one of: {known}.")
+    if (args.depth is None) != (args.width is None):
+        raise SpecError("--depth and --width go together. Fix: give both (e.g. --depth 10 --width 64), or neither.")
+    for flag, value, low in (("--depth", args.depth, 1), ("--width", args.width, 1)):
+        if value is not None and value < low:
+            raise SpecError(f"{flag} {value} must be >= {low}. Fix: pass a positive integer.")
+    for flag, value, strict in (("--C_b", args.C_b, False), ("--C_W", args.C_W, True)):
+        if value is not None and not (math.isfinite(value) and (value > 0 if strict else value >= 0)):
+            raise SpecError(f"{flag} {value} must be {'> 0' if strict else '>= 0'}. Fix: pass a finite variance.")
+    enable_x64()
+    act = ACTIVATIONS[args.activation]
+    cls = criticality.universality_class(act)
+    points = criticality.critical_points(act)
+    log.line(f"activation: {act.name}")
+    log.line(f"universality class: {cls} ({_CLASS_NOTES[cls]})")
+    if points:
+        log.line("critical points (K* = C_b + C_W<σ²>_K*, χ_∥ = χ_⊥ = 1):")
+        for p in points:
+            if p.kind == "scale-invariant":
+                where = "any K* > 0 (every kernel is a fixed point)"
+            elif p.kind == "K*=0":
+                where = "K* -> 0 (reached as K ~ 1/depth)"
+            else:
+                where = f"K* = {p.K_star:.10g}"
+            log.line(
+                f"  {where}: C_b = {p.C_b:.10g}, C_W = {p.C_W:.10g}; χ_∥ = {p.chi_parallel:.12g}, "
+                f"χ_⊥ = {p.chi_perp:.12g}"
+            )
+    else:
+        log.line("critical points: none (no C_b >= 0, C_W > 0 makes χ_∥ = χ_⊥ = 1 at a fixed point)")
+    C_W = args.C_W if args.C_W is not None else (points[0].C_W if points else None)
+    C_b = args.C_b if args.C_b is not None else (points[0].C_b if points and args.C_W is None else 0.0)
+    if C_W is not None:
+        Ks = np.array([0.1, 1.0, 10.0])
+        par = np.asarray(criticality.chi_parallel(act, Ks, C_W))
+        perp = np.asarray(criticality.chi_perp(act, Ks, C_W))
+        log.line(f"susceptibilities at C_W = {C_W:.6g}:")
+        for K, a, b in zip(Ks, par, perp):
+            log.line(f"  K = {K:<5g}  χ_∥ = {a:.6f}  χ_⊥ = {b:.6f}")
+    if args.depth is not None:
+        if C_W is None:
+            raise SpecError(
+                f"activation {act.name!r} has no critical point, so the regime needs a C_W. Fix: pass --C_W "
+                "(and optionally --C_b)."
+            )
+        spec = MLPSpec(1, (args.width,) * (args.depth - 1), 1, act, C_b=C_b, C_W=C_W)
+        reg = criticality.regime(spec)
+        log.line(f"regime of {spec.describe().split(' (')[0]}, C_b = {C_b:.6g}, C_W = {C_W:.6g}, input |x|²/n_0 = 1:")
+        log.line(f"  {reg.message}")
+    return 0
+
+
+_CLASS_NOTES = {
+    "scale-invariant": "book §5.2: critical at C_b = 0, C_W = 1/A_2 for every kernel",
+    "K*=0": "book §5.3.3: critical as the kernel flows to 0 like 1/depth",
+    "half-stable": "book §5.3.4: critical at K* > 0, attractive from one side only",
+    "none": "book §5.3.2: no criticality; the kernel flows exponentially with depth",
+}
+
+
 _SPEC_HELP = (
     "a TOML model spec (default: the packaged default, a copy of models/default.toml). Sections: "
     "[model] architecture and initialization (input_dim, hidden, output_dim, activation, C_b, C_W, "
@@ -990,6 +1056,18 @@ def _parser() -> argparse.ArgumentParser:
         "simulated; takes seconds.",
     )
     th.add_argument("spec", nargs="?", metavar="SPEC", help=_SPEC_HELP)
+    cr = sub.add_parser(
+        "criticality",
+        help="universality class, critical initialization and 1/n regime of an activation",
+        description="For one activation: its universality class (book Ch. 5), all critical points "
+        "(C_b, C_W, K*) with χ_∥ = χ_⊥ = 1, the susceptibilities at the critical C_W, and with "
+        "--depth/--width the regime of the 1/n expansion (ε = V/(nK²) of the output; THEORY.md §4.4).",
+    )
+    cr.add_argument("activation", metavar="ACTIVATION", help="one of: " + ", ".join(sorted(ACTIVATIONS)))
+    cr.add_argument("--depth", type=int, metavar="L", help="number of layers L (with --width: show the regime)")
+    cr.add_argument("--width", type=int, metavar="N", help="width of every hidden layer")
+    cr.add_argument("--C_b", type=float, help="bias variance for the regime (default: the critical one)")
+    cr.add_argument("--C_W", type=float, help="weight variance (default: the critical one)")
     return p
 
 
@@ -1002,7 +1080,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     log = _Log()
     try:
-        return {"run": _cmd_run, "theory": _cmd_theory}[args.command](args, log)
+        return {"run": _cmd_run, "theory": _cmd_theory, "criticality": _cmd_criticality}[args.command](args, log)
     except SpecError as e:
         print(f"eft-prob: error: {e}", file=sys.stderr, flush=True)
         return 2

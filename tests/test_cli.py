@@ -219,3 +219,50 @@ def test_deterministic_outputs_give_zero_z_not_nan():
     for r in rows:
         assert math.isfinite(r["z"])
     assert abs(rows[1]["z"]) < 1e-6 and abs(rows[2]["z"]) < 1e-3
+
+
+# -- eft-prob criticality -------------------------------------------------------------------------
+
+
+def test_criticality_subcommand_half_stable_with_regime(capsys):
+    assert cli.main(["criticality", "gelu", "--depth", "10", "--width", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "universality class: half-stable" in out
+    assert f"K* = {(3 + math.sqrt(17)) / 2:.10g}" in out  # the GELU closed form (tests/test_criticality.py)
+    assert "susceptibilities at C_W = 1.98306" in out
+    assert "strongly coupled: ε = " in out and "n >= " in out
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (
+            ["criticality", "relu", "--depth", "3", "--width", "64"],
+            ["any K* > 0", "C_W = 2;", "ε = V/(n_(L-1)·K²) = 0.156"],
+        ),
+        (["criticality", "tanh"], ["universality class: K*=0", "K* -> 0", "C_W = 1;"]),
+        (["criticality", "sigmoid"], ["universality class: none", "critical points: none"]),
+    ],
+)
+def test_criticality_subcommand_classes(argv, expected, capsys):
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    for text in expected:
+        assert text in out
+
+
+@pytest.mark.parametrize(
+    "argv, names",
+    [
+        (["criticality", "tahn"], ["tahn", "did you mean 'tanh'"]),
+        (["criticality", "relu", "--depth", "3"], ["--depth and --width"]),
+        (["criticality", "relu", "--depth", "0", "--width", "8"], ["--depth 0"]),
+        (["criticality", "relu", "--C_W", "-1"], ["--C_W -1"]),
+        (["criticality", "softplus", "--depth", "3", "--width", "8"], ["softplus", "--C_W"]),
+    ],
+)
+def test_criticality_subcommand_errors_exit_2(argv, names, capsys):
+    assert cli.main(argv) == 2
+    line = _one_line_error(capsys)
+    for name in names:
+        assert name in line
