@@ -1,4 +1,5 @@
-"""Ensembles of real networks: prior draws and full-batch GD training, vmapped and chunked.
+"""Ensembles of real networks: prior draws (outputs or output-layer metrics) and full-batch GD
+training, vmapped and chunked.
 
 Every network gets its own key from ``jax.random.split(key, n_networks)``, so results do not
 depend on the chunk size.  Chunks are padded to a fixed size so each function compiles once.
@@ -17,7 +18,7 @@ from . import nn
 from ._validate import check_inputs, check_targets
 from .spec import MLPSpec
 
-__all__ = ["TrainResult", "auto_chunk", "prior_outputs", "train"]
+__all__ = ["TrainResult", "auto_chunk", "prior_kernels", "prior_outputs", "train"]
 
 _CHUNK_BYTES = 256 * 2**20
 
@@ -71,6 +72,42 @@ def prior_outputs(spec: MLPSpec, X, n_networks: int, key, *, chunk_size: int | N
     def one(k, X):
         zs = nn.preactivations(spec, nn.init(spec, k, X.dtype), X)
         return zs if layers else zs[-1]
+
+    return _chunked(one, keys, _check_count("chunk_size", chunk), X)
+
+
+def prior_kernels(
+    spec: MLPSpec, X, n_networks: int, key, *, chunk_size: int | None = None, layers: bool = False
+) -> jax.Array | list[jax.Array]:
+    """The output-layer metric Ĝ^(L) of ``n_networks`` independent prior networks, (M, N, N).
+
+    Ĝ^(ℓ)_{αβ} = C_b^(ℓ) + (C_W^(ℓ)/n_{ℓ-1}) Σ_j σ(z^(ℓ-1)_{j;α}) σ(z^(ℓ-1)_{j;β})  (THEORY.md §3.2),
+    with σ(z^(0)) ≡ x, so Ĝ^(1) is not random.  Given layers 1..ℓ-1 the preactivations z^(ℓ)_{i;·}
+    are exactly iid N(0, Ĝ^(ℓ)) over i, so Ĝ is the Rao–Blackwellized estimator of their moments
+    (THEORY.md §12, item 9), free of the sampling noise of layer ℓ itself:
+
+    * E[z_{i;α} z_{i;β}] = E[Ĝ_{αβ}];
+    * for i ≠ k, E[z_{i;α1} z_{i;α2} z_{k;α3} z_{k;α4}] - E[z z] E[z z] = Cov(Ĝ_{α1α2}, Ĝ_{α3α4})
+      (the connected four-point function, V_{(α1α2)(α3α4)}/n_{ℓ-1} + O(1/n²));
+    * E[z_{i;α}⁴] - 3 E[z_{i;α}²]² = 3 Var(Ĝ_{αα}).
+
+    Network m is network m of ``prior_outputs(spec, X, n_networks, key)`` (the same per-network
+    key), so results do not depend on ``chunk_size``.  With ``layers=True`` returns the list
+    [Ĝ^(1), ..., Ĝ^(L)] of every layer's metric, each (M, N, N).  Float64 when x64 is enabled.
+    """
+    X = check_inputs(spec, X)
+    M = _check_count("n_networks", n_networks)
+    chunk = chunk_size or auto_chunk(spec, X.shape[0], M)
+    keys = jax.random.split(key, M)
+    C_b, C_W = spec.layer_values("C_b", X.dtype), spec.layer_values("C_W", X.dtype)
+    sigma = spec.activation.fn
+
+    def one(k, X):
+        params = nn.init(spec, k, X.dtype)
+        zs = nn.preactivations(spec, params[:-1], X) if spec.depth > 1 else []
+        hs = [X] + [sigma(z) for z in zs]  # the inputs of layers 1..L
+        Gs = [C_b[ell] + C_W[ell] * (h @ h.T) / h.shape[-1] for ell, h in enumerate(hs)]
+        return Gs if layers else Gs[-1]
 
     return _chunked(one, keys, _check_count("chunk_size", chunk), X)
 

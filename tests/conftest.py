@@ -33,12 +33,17 @@ def assert_consistent(estimate, se, expected, n_sigma=4.0, what=""):
 
 def fit_inverse_width(widths, values, ses):
     """Weighted least squares values ≈ a/n + b; returns (a, b, se_a, se_b, chi2)."""
+    (a, b), (se_a, se_b), chi2 = fit_inverse_powers(widths, values, ses, (1, 0))
+    return a, b, se_a, se_b, chi2
+
+
+def fit_inverse_powers(widths, values, ses, powers=(1, 2)):
+    """Weighted least squares values ≈ Σ_p c_p/n^p; returns (coef, se, chi2), one c per power."""
     n = np.asarray(widths, float)
     v = np.asarray(values, float)
     w = 1.0 / np.asarray(ses, float) ** 2
-    A = np.stack([1.0 / n, np.ones_like(n)], axis=1)
-    F = A.T @ (A * w[:, None])
-    cov = np.linalg.inv(F)
+    A = np.stack([n ** -float(p) for p in powers], axis=1)
+    cov = np.linalg.inv(A.T @ (A * w[:, None]))
     coef = cov @ (A.T @ (w * v))
     chi2 = float(np.sum(w * (v - A @ coef) ** 2))
-    return coef[0], coef[1], np.sqrt(cov[0, 0]), np.sqrt(cov[1, 1]), chi2
+    return coef, np.sqrt(np.diag(cov)), chi2
