@@ -23,12 +23,14 @@ from ._config import (
     enable_x64,
 )
 from .activations import Activation, get_activation
+from .exact import ExactNetworkPrior
 from .spec import MLPSpec
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Activation",
+    "ExactNetworkPrior",
     "MLPSpec",
     "PrecisionWarning",
     "RegimeWarning",
