@@ -17,14 +17,17 @@ before the Cholesky factorization (default 1e-10), so ``log_prob`` stays finite.
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.scipy.linalg import solve_triangular
 from numpyro.distributions import Distribution, constraints
 from numpyro.distributions.util import lazy_property, validate_sample
 
-from ._config import precision_scope
+from ._config import RegimeWarning, is_concrete, precision_scope
 from ._validate import check_inputs, check_order, check_positive
 from .spec import MLPSpec
 from .theory.bayes import gp_moments
@@ -32,7 +35,7 @@ from .theory.kernels import output_kernels as _kernels
 from .theory.kernels import train_test_blocks
 from .theory.training import gd_moments
 
-__all__ = ["BayesianPosterior", "KernelGaussian", "NetworkPrior", "TrainedNetwork"]
+__all__ = ["BayesianPosterior", "FiniteWidthPrior", "KernelGaussian", "KernelMixture", "NetworkPrior", "TrainedNetwork"]
 
 _matrix = constraints.independent(constraints.real, 2)
 
@@ -151,19 +154,30 @@ class NetworkPrior(KernelGaussian):
     """p(f(X)) at initialization for a network drawn from ``spec``'s prior.
 
     ``order=0``: the Gaussian (infinite-width) limit, f ~ N(0, K^(L) ⊗ I_{n_L}).
+    ``order=1``: the O(1/n) law, returned as a :class:`FiniteWidthPrior` (a proper mixture over the
+    random kernel with the theory's second and fourth cumulants; keyword arguments ``samples`` and
+    ``key`` select the Monte Carlo vertex for more than 24 inputs).
 
     :param MLPSpec spec: the architecture and prior (C_b, C_W may be traced, e.g. NUTS over them).
     :param X: inputs (N, input_dim).
-    :param int order: 0 (Gaussian limit); 1 (1/n corrections) with the finite-width issue.
+    :param int order: 0 (Gaussian limit) or 1 (with the 1/n corrections).
     :param noise_var: optional observation-noise variance σ² >= 0: the law of y = f(X) + ε,
         ε ~ N(0, σ²) per output, i.e. N(0, (K + σ²) ⊗ I).  As a likelihood this is the evidence
         of Bayesian learning, so NUTS can infer (C_b, C_W, σ²) from data.
     :param float jitter: relative diagonal jitter for singular kernels.
     """
 
+    def __new__(cls, *args, **kwargs):
+        # NetworkPrior(spec, X, order=1) is a FiniteWidthPrior (a mixture, not a single Gaussian).
+        # Called without arguments (pytree unflattening) it is a plain NetworkPrior.
+        order = kwargs.get("order", args[2] if len(args) > 2 else 0)
+        if cls is NetworkPrior and (args or kwargs) and check_order(order) == 1:
+            kwargs = {k: v for k, v in kwargs.items() if k != "order"}
+            return FiniteWidthPrior(*args[:2], **kwargs)
+        return super().__new__(cls)
+
     def __init__(self, spec: MLPSpec, X, order: int = 0, *, noise_var=0.0, jitter: float = 1e-10, validate_args=None):
-        if check_order(order) == 1:
-            raise _not_yet(type(self).__name__)
+        check_order(order)
         check_positive("noise_var", noise_var, strict=False)
         with precision_scope(spec, X, noise_var):
             X = check_inputs(spec, X)
@@ -245,3 +259,344 @@ class TrainedNetwork(KernelGaussian):
         loc, tril = _ambient(m, tril)
         self.order = 0
         super().__init__(loc, tril, validate_args=validate_args)
+
+
+# --------------------------------------------------------------------------------------------
+# Finite width: mixtures over the random kernel.
+
+
+class KernelMixture(Distribution):
+    """f ~ Σ_k π_k N(loc, G_k ⊗ I_{n_L}): a finite mixture of matrix normals sharing the mean.
+
+    At any width a network's output is exactly Gaussian *given* the random kernel Ĝ of its last
+    layer (z_i | Ĝ ~ N(0, Ĝ), i.i.d. over output neurons i); a distribution over Ĝ with the right
+    mean and covariance therefore gives the right second and fourth cumulants of f, including
+    the dependence between output neurons.  This class is that law for a discrete law of Ĝ.
+
+    :param loc: mean, batch + (N, n_L).
+    :param scale_trils: Cholesky factors of the component kernels, batch + (C, N, N).
+    :param logits: log mixture weights (normalized internally), batch + (C,).
+    """
+
+    arg_constraints = {
+        "loc": _matrix,
+        "scale_trils": constraints.independent(constraints.lower_cholesky, 1),
+        "logits": constraints.real_vector,
+    }
+    support = _matrix
+    pytree_data_fields = ("loc", "scale_trils", "logits")
+    pytree_aux_fields = ("order",)
+    order = 1
+
+    def __init__(self, loc, scale_trils, logits, *, validate_args=None):
+        loc, scale_trils, logits = jnp.asarray(loc), jnp.asarray(scale_trils), jnp.asarray(logits)
+        if loc.ndim < 2 or scale_trils.ndim < 3 or logits.ndim < 1:
+            raise ValueError(
+                "KernelMixture needs loc (..., N, n_L), scale_trils (..., C, N, N) and logits (..., C); got "
+                f"{loc.shape}, {scale_trils.shape}, {logits.shape}."
+            )
+        N = loc.shape[-2]
+        if scale_trils.shape[-2:] != (N, N) or scale_trils.shape[-3] != logits.shape[-1]:
+            raise ValueError(
+                f"scale_trils must be (..., C, {N}, {N}) and logits (..., C) with the same C; got "
+                f"{scale_trils.shape} and {logits.shape}."
+            )
+        batch_shape = lax.broadcast_shapes(loc.shape[:-2], scale_trils.shape[:-3], logits.shape[:-1])
+        event_shape = loc.shape[-2:]
+        self.loc = jnp.broadcast_to(loc, batch_shape + event_shape)
+        self.scale_trils = jnp.broadcast_to(scale_trils, batch_shape + scale_trils.shape[-3:])
+        self.logits = jnp.broadcast_to(logits, batch_shape + logits.shape[-1:])
+        super().__init__(batch_shape=batch_shape, event_shape=event_shape, validate_args=validate_args)
+
+    @property
+    def log_weights(self):
+        return jax.nn.log_softmax(self.logits, axis=-1)
+
+    @property
+    def n_components(self) -> int:
+        return self.logits.shape[-1]
+
+    def sample(self, key, sample_shape=()):
+        k1, k2 = jax.random.split(key)
+        shape = sample_shape + self.batch_shape
+        comp = jax.random.categorical(k1, self.logits, shape=shape)
+        L = jnp.take_along_axis(
+            jnp.broadcast_to(self.scale_trils, shape + self.scale_trils.shape[-3:]),
+            comp[..., None, None, None],
+            axis=-3,
+        )[..., 0, :, :]
+        eps = jax.random.normal(k2, shape + self.event_shape, dtype=self.loc.dtype)
+        return self.loc + jnp.matmul(L, eps)
+
+    @validate_sample
+    def log_prob(self, value):
+        diff = value - self.loc  # batch' + (N, n_L)
+        batch = diff.shape[:-2]
+        L = jnp.broadcast_to(self.scale_trils, batch + self.scale_trils.shape[-3:])
+        w = solve_triangular(
+            L, jnp.broadcast_to(diff[..., None, :, :], batch + (L.shape[-3],) + diff.shape[-2:]), lower=True
+        )
+        N, nL = self.event_shape
+        half_logdet = jnp.sum(jnp.log(jnp.diagonal(L, axis1=-2, axis2=-1)), -1)
+        comp = -0.5 * jnp.sum(w * w, axis=(-2, -1)) - nL * half_logdet - 0.5 * N * nL * jnp.log(2 * jnp.pi)
+        return jax.nn.logsumexp(comp + self.log_weights, axis=-1)
+
+    # -- moments ----------------------------------------------------------------------------
+    @property
+    def mean(self):
+        return self.loc
+
+    @lazy_property
+    def component_kernels(self):
+        """G_k (…, C, N, N)."""
+        return jnp.matmul(self.scale_trils, jnp.swapaxes(self.scale_trils, -1, -2))
+
+    @lazy_property
+    def input_covariance(self):
+        """E[G] (…, N, N): the covariance across inputs of every output neuron."""
+        p = jnp.exp(self.log_weights)
+        return jnp.einsum("...k,...kab->...ab", p, self.component_kernels)
+
+    @lazy_property
+    def kernel_covariance(self):
+        """Cov(G) (…, N, N, N, N): Cov(G_ab, G_cd); for the 1/n prior this is V/n_{L-1}."""
+        p = jnp.exp(self.log_weights)
+        dG = self.component_kernels - self.input_covariance[..., None, :, :]
+        return jnp.einsum("...k,...kab,...kcd->...abcd", p, dG, dG)
+
+    @property
+    def variance(self):
+        d = jnp.diagonal(self.input_covariance, axis1=-2, axis2=-1)[..., None]
+        return jnp.broadcast_to(d, self.batch_shape + self.event_shape)
+
+    @lazy_property
+    def covariance_matrix(self):
+        """Covariance of the flattened event (…, N·n_L, N·n_L), index α·n_L + i."""
+        N, nL = self.event_shape
+        S = self.input_covariance
+        eye = jnp.eye(nL, dtype=S.dtype)
+        return (S[..., :, None, :, None] * eye[:, None, :]).reshape(self.batch_shape + (N * nL, N * nL))
+
+    def fourth_cumulant(self):
+        """κ4 of the flattened event (…, M, M, M, M), M = N·n_L, index α·n_L + i:
+        κ[(α1 i1)(α2 i2)(α3 i3)(α4 i4)] = δ_{i1i2}δ_{i3i4} C_{α1α2α3α4} + δ_{i1i3}δ_{i2i4} C_{α1α3α2α4}
+        + δ_{i1i4}δ_{i2i3} C_{α1α4α2α3}, C = Cov(G) (:attr:`kernel_covariance`).  M⁴ numbers: small events only."""
+        N, nL = self.event_shape
+        if (N * nL) ** 4 > 2**27:
+            raise ValueError(
+                f"fourth_cumulant would have (N·n_L)^4 = {(N * nL) ** 4} entries; use kernel_covariance (N^4) instead."
+            )
+        C = self.kernel_covariance
+        d = jnp.eye(nL, dtype=C.dtype)
+        b = self.batch_shape
+        t1 = jnp.einsum("...abcd,ij,kl->...aibjckdl", C, d, d)
+        t2 = jnp.einsum("...acbd,ik,jl->...aibjckdl", C, d, d)
+        t3 = jnp.einsum("...adbc,il,jk->...aibjckdl", C, d, d)
+        return (t1 + t2 + t3).reshape(b + (N * nL,) * 4)
+
+
+def _pair_coordinates(N):
+    i, j = np.triu_indices(N)
+    return i, j, np.where(i == j, 1.0, np.sqrt(2.0))
+
+
+def _psd_part(M):
+    """The nearest PSD matrix in value, the identity in derivative (the clipped part is rounding
+    or quadrature error; keeping eigh out of the gradient avoids NaNs at degenerate eigenvalues)."""
+    Ms = lax.stop_gradient(M)
+    lam, U = jnp.linalg.eigh(Ms)
+    fixed = (U * jnp.clip(lam, 0.0)) @ U.T
+    return M + lax.stop_gradient(fixed - Ms)
+
+
+def _pack(S, i, j, w):
+    """Symmetric matrices (..., N, N) -> pair coordinates (..., P) (Frobenius = Euclidean)."""
+    return S[..., i, j] * w
+
+
+def _unpack(v, i, j, w, N):
+    cols = v / w
+    out = jnp.zeros(v.shape[:-1] + (N, N), v.dtype)
+    return out.at[..., i, j].set(cols).at[..., j, i].set(cols)
+
+
+def _modes(X, i, j, w, N):
+    """Unit symmetric matrices F̂_k (P, N, N) and variances λ_k (P,) with Σ λ_k F̂_k⊗F̂_k = X (pair
+    coordinates): the columns of the Cholesky factor of X, a smooth function of X (eigenvectors
+    would not be differentiable at degenerate eigenvalues).  Coordinates are ordered by decreasing
+    variance first, so the leading columns carry the dominant fluctuations."""
+    P = X.shape[0]
+    Xp = _psd_part((X + X.T) / 2)
+    scale = jnp.maximum(jnp.trace(Xp) / P, jnp.finfo(Xp.dtype).tiny)
+    Lc = jnp.linalg.cholesky(Xp + 1e-13 * scale * jnp.eye(P, dtype=Xp.dtype))
+    F = _unpack(Lc.T, i, j, w, N)
+    lam = jnp.sum(F * F, axis=(-2, -1))
+    return F / jnp.sqrt(lam)[:, None, None], lam
+
+
+def _sigma_point_kernels(Kbar, Vpair, N, iterations: int = 40):
+    """A discrete law of positive-definite kernels G_k with E[G] = K̄ exactly and Cov(G) = V/n.
+
+    Whitened by K̄ = L Lᵀ, the target is a random matrix A with E[A] = I and covariance Ṽ (V/n
+    transformed by L⁻¹).  With Ṽ = Σ_k λ_k F̂_k⊗F̂_k (P = N(N+1)/2 modes), its law is put on the 2M
+    equally likely points A_m = expm(H_0 + Σ_k c_mk √λ_k F̂_k), c = ± the columns 2..P+1 of a
+    Sylvester–Hadamard matrix of order M > P (orthogonal ±1 columns, so the linear part has mean 0
+    and covariance exactly Ṽ, and all its odd moments vanish), and H_0 = -½ Σ λ_k F̂_k² cancels the
+    mean of the quadratic term.  Spreading each point over all modes keeps every direction's
+    excursion at its own standard deviation.  The matrix exponential makes every point positive
+    definite whatever the size of the fluctuations.  The points are then re-whitened by their exact mean (E[G] = K̄ to
+    rounding), and the O(Σλ) mismatch of the covariance is removed by a fixed-point iteration on
+    the modes (``iterations`` rounds, each shrinking the mismatch by a factor ~2ε, ε the expansion
+    parameter; the relative residual is returned in ``info``: <1e-8 in the 1/n regime, larger when
+    V/n is not small against K̄, where the 1/n expansion itself fails).
+    """
+    i, j, w = _pair_coordinates(N)
+    w = jnp.asarray(w, Kbar.dtype)
+    L = jnp.linalg.cholesky(Kbar)
+    eye = jnp.eye(N, dtype=Kbar.dtype)
+    Li = solve_triangular(L, eye, lower=True)
+    basis = _unpack(jnp.eye(i.size, dtype=Kbar.dtype), i, j, w, N)  # (P, N, N)
+    Tw = _pack(Li @ basis @ Li.T, i, j, w).T  # pair-coordinate matrix of S -> L⁻¹ S L⁻ᵀ
+    target = Tw @ ((Vpair + Vpair.T) / 2) @ Tw.T
+    ident = _pack(eye, i, j, w)
+
+    P = i.size
+    M = 1 << int(np.ceil(np.log2(P + 1)))
+    had = np.ones((1, 1))
+    while had.shape[0] < M:  # Sylvester's construction
+        had = np.block([[had, had], [had, -had]])
+    design = jnp.asarray(np.concatenate([had[:, 1 : P + 1], -had[:, 1 : P + 1]]), Kbar.dtype)  # (2M, P)
+
+    def points(X):
+        Fh, lam = _modes(X, i, j, w, N)
+        H0 = -0.5 * jnp.einsum("k,kab,kbc->ac", lam, Fh, Fh)
+        H = H0 + jnp.einsum("mk,kab->mab", design * jnp.sqrt(lam), Fh)
+        A = jax.vmap(jax.scipy.linalg.expm)(H)
+        p = jnp.full((design.shape[0],), 1.0 / design.shape[0], X.dtype)
+        Lm = jnp.linalg.cholesky(jnp.einsum("k,kab->ab", p, A))
+        Lmi = solve_triangular(Lm, eye, lower=True)
+        B = Lmi @ A @ Lmi.T
+        b = _pack((B + jnp.swapaxes(B, -1, -2)) / 2, i, j, w) - ident
+        return B, p, jnp.einsum("k,kp,kq->pq", p, b, b)
+
+    X = lax.fori_loop(0, iterations, lambda _, X: X + (target - points(X)[2]), target)
+    B, p, C = points(X)
+    kernels = L @ B @ L.T
+    kernels = (kernels + jnp.swapaxes(kernels, -1, -2)) / 2
+    residual = jnp.max(jnp.abs(C - target)) / jnp.maximum(jnp.max(jnp.abs(target)), jnp.finfo(X.dtype).tiny)
+    return kernels, jnp.log(p), {"residual": residual}
+
+
+class FiniteWidthPrior(KernelMixture):
+    """p(f(X)) at initialization to O(1/n): ``NetworkPrior(spec, X, order=1)`` returns this.
+
+    Construction (THEORY.md §3.3–3.6; DESIGN.md): given the last hidden layer, f is exactly
+    N(0, Ĝ ⊗ I_{n_L}) with Ĝ the random kernel; to O(1/n), E Ĝ = K̄ = K + K^{1}/n_{L-1} and
+    Cov(Ĝ) = V/n_{L-1}.  Ĝ is replaced by a discrete law on 2P positive-definite kernels
+    (P = N(N+1)/2; see :func:`_sigma_point_kernels`) with mean K̄ and covariance V/n_{L-1}, so
+
+    * the second cumulant is K̄ ⊗ I and the fourth is (1/n_{L-1})(V δδ + 2 permutations)
+      (``fourth_cumulant()``; ``kernel_covariance`` = V/n to the reported ``residual``),
+      including the O(1/n) dependence between different output neurons;
+    * odd cumulants vanish; the sixth and higher are O(1/n²) (the points sit O(1/√n) from K̄);
+    * log_prob is a logsumexp of 2P Gaussians: normalized, positive everywhere, smooth in the
+      value and in (C_b, C_W, X), jit/vmap/grad-safe; ``sample`` picks a point and draws a Gaussian.
+
+    Unlike the Edgeworth density p⁰(1 + κh/24) (negative in the tails) or the quartic action e^{-S}
+    (not normalizable when V > 0), this is a proper density, usable as a likelihood under NUTS.
+
+    Attributes: ``kernel`` (K), ``nlo_kernel`` (K^{1}/n_{L-1}), ``vertex`` (V/n_{L-1}, (N,)*4; None
+    for N > 24), ``regime`` (:class:`eft_prob.criticality.Regime`; None when traced), ``residual``
+    (relative mismatch of the represented Cov(Ĝ); ~1e-10 in the 1/n regime).  Constructing one
+    outside the 1/n regime (expansion parameter above ``criticality.REGIME_THRESHOLD``) warns.
+
+    V is exact (dense quadrature) for N <= 24 inputs and a Monte Carlo factorization with
+    ``samples`` draws per layer (relative error ≈ √(2/samples)) for 24 < N <= 64.
+    """
+
+    pytree_data_fields = ("kernel", "nlo_kernel", "vertex", "residual")
+    MAX_INPUTS = 64
+
+    def __init__(
+        self,
+        spec: MLPSpec,
+        X,
+        *,
+        noise_var=0.0,
+        jitter: float = 1e-10,
+        samples: int = 4096,
+        key=None,
+        validate_args=None,
+    ):
+        from .criticality import check_regime
+        from .theory.vertex import prior_statistics
+
+        check_positive("noise_var", noise_var, strict=False)
+        X = check_inputs(spec, X)
+        N = X.shape[0]
+        if N > self.MAX_INPUTS:
+            raise ValueError(
+                f"NetworkPrior(order=1) supports up to {self.MAX_INPUTS} inputs (its mixture has N(N+1) "
+                f"Gaussian components); got N = {N}. Use eft_prob.theory.prior_statistics(spec, X) for the "
+                "factored O(1/n) statistics of many inputs, or order=0."
+            )
+        if spec.depth < 2:
+            raise ValueError("order=1 needs at least one hidden layer (hidden=[...]); a depth-1 network is Gaussian.")
+        if is_concrete(spec, X):
+            _check_distinct(X)
+        self.regime = check_regime(spec, X, "NetworkPrior(order=1)", stacklevel=4)
+        with precision_scope(spec, X, noise_var):
+            X = jnp.asarray(X, jnp.result_type(float))
+            st = prior_statistics(spec, X, samples=samples, key=key)
+            n = st.width
+            Kbar = st.K + st.K1 / n
+            if is_concrete(spec, X):
+                _check_kernel(Kbar, n)
+            if isinstance(st.V, jnp.ndarray):
+                i, j, w = _pair_coordinates(N)
+                Vn = st.V / n
+                Vpair = Vn[i, j][:, i, j] * (w[:, None] * w[None, :])
+            else:
+                Vpair = st.V.pair_matrix() / n
+                Vn = None
+            kernels, logw, info = _sigma_point_kernels(Kbar, Vpair, N)
+            eye = jnp.eye(N, dtype=Kbar.dtype)
+            scale = jnp.mean(jnp.diagonal(st.K))
+            trils = jnp.linalg.cholesky(kernels + (noise_var + jitter * scale) * eye)
+            loc = jnp.zeros((N, spec.output_dim), Kbar.dtype)
+            if Vn is None:
+                Vn = st.V.dense() / n if N <= 24 else None
+        if is_concrete(spec, X) and float(info["residual"]) > 1e-3:
+            warnings.warn(
+                "NetworkPrior(order=1): the O(1/n) kernel fluctuations V/n are so large against K that no "
+                "law of positive-definite kernels found here carries them exactly (relative covariance "
+                f"residual {float(info['residual']):.3g}). The 1/n expansion is not valid here: use wider "
+                "layers, fewer layers, or order='exact' where it exists.",
+                RegimeWarning,
+                stacklevel=3,
+            )
+        self.kernel, self.nlo_kernel = _ambient(st.K, st.K1 / n)
+        self.vertex = None if Vn is None else _ambient(Vn)[0]
+        self.residual = info["residual"]
+        loc, trils, logw = _ambient(loc, trils, logw)
+        super().__init__(loc, trils, logw, validate_args=validate_args)
+
+
+def _check_distinct(X):
+    Xn = np.asarray(X)
+    d = np.sum((Xn[:, None, :] - Xn[None, :, :]) ** 2, axis=-1)
+    a, b = np.nonzero(np.triu(d <= 1e-24 * (1.0 + np.max(d)), 1))
+    if a.size:
+        raise ValueError(
+            f"X rows {int(a[0])} and {int(b[0])} are identical: the kernel is singular and the O(1/n) "
+            "distribution has no density there. Remove duplicated inputs (their outputs are identical)."
+        )
+
+
+def _check_kernel(Kbar, n):
+    lam = np.linalg.eigvalsh(np.asarray(Kbar))
+    if lam[0] <= 0:
+        raise ValueError(
+            f"K + K^{{1}}/n_{{L-1}} (n_{{L-1}} = {n}) is not positive definite (smallest eigenvalue {lam[0]:.3g}): "
+            "the 1/n correction exceeds the kernel itself, far outside the 1/n regime. Use wider layers or order=0."
+        )

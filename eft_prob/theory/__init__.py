@@ -3,10 +3,12 @@
 from .bayes import gp_posterior, log_evidence
 from .kernels import Kernels, kernels, nngp, ntk, output_kernels
 from .training import gd_prediction
-from .vertex import four_point_vertex, nlo_kernel
+from .vertex import FactoredVertex, PriorStatistics, four_point_vertex, nlo_kernel, prior_statistics
 
 __all__ = [
+    "FactoredVertex",
     "Kernels",
+    "PriorStatistics",
     "four_point_vertex",
     "gd_prediction",
     "gp_posterior",
@@ -16,4 +18,5 @@ __all__ = [
     "nngp",
     "ntk",
     "output_kernels",
+    "prior_statistics",
 ]

@@ -41,6 +41,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +53,7 @@ from .._validate import check_inputs
 from ..spec import MLPSpec
 from .kernels import _first_layer
 
-__all__ = ["four_point_vertex", "nlo_kernel"]
+__all__ = ["FactoredVertex", "PriorStatistics", "four_point_vertex", "nlo_kernel", "prior_statistics"]
 
 _MAX_ELEMS = 4_000_000  # grid points per quadrature chunk
 
@@ -398,7 +399,11 @@ def _pair_blocks(V):
 _NA = (2, 0, 1)  # number of a's in π_u(a, b)
 
 
-def _stack(spec: MLPSpec, X, groups, *, full: bool, stack: bool, quadrature: bool, low_orders, nd_orders):
+def _stack(
+    spec: MLPSpec, X, groups, *, full: bool, stack: bool, quadrature: bool, low_orders, nd_orders, trace: bool = False
+):
+    """Run the joint (K, K^{1}, V) recursion.  With ``trace``, also return the per-step inputs
+    (K^(ℓ), ⟨σσ⟩_{K^(ℓ)}, D^(ℓ)) for ℓ = 1..L-1 that the factored vertex is built from."""
     act = spec.activation
     K1, _ = _first_layer(spec, X)
     N = K1.shape[0]
@@ -408,7 +413,11 @@ def _stack(spec: MLPSpec, X, groups, *, full: bool, stack: bool, quadrature: boo
     else:
         V1 = jnp.zeros((3, 3, N, N), K1.dtype)
     if spec.depth == 1:
-        return (K1[None], G1[None], V1[None]) if stack else (K1, G1, V1)
+        out = (K1[None], G1[None], V1[None]) if stack else (K1, G1, V1)
+        if trace:
+            empty = jnp.zeros((0, N, N), K1.dtype)
+            return out, (empty, empty, jnp.zeros((0, 3, N, N), K1.dtype))
+        return out
     w = spec.widths
     ratios = jnp.asarray([w[l] / w[l - 1] for l in range(1, spec.depth)], K1.dtype)
     hyper = (spec.layer_values("C_b")[1:], spec.layer_values("C_W")[1:], ratios)
@@ -447,15 +456,18 @@ def _stack(spec: MLPSpec, X, groups, *, full: bool, stack: bool, quadrature: boo
         G_new = r * C_W * (_T_pair(D, G) + 0.5 * jnp.einsum("uvab,uvab->ab", H, Vb))
         K_new = C_b + C_W * F
         nxt = (K_new, G_new, V_new)
-        return nxt, (nxt if stack else None)
+        out = nxt if stack else None
+        return nxt, ((out, (K, F, D)) if trace else out)
 
     last, ys = jax.lax.scan(step, (K1, G1, V1), hyper)
-    if not stack:
-        return last
-    return tuple(jnp.concatenate([a[None], b]) for a, b in zip((K1, G1, V1), ys))
+    if trace:
+        ys, tr = ys
+    if stack:
+        last = tuple(jnp.concatenate([a[None], b]) for a, b in zip((K1, G1, V1), ys))
+    return (last, tr) if trace else last
 
 
-_stack_jit = jax.jit(_stack, static_argnames=("full", "stack", "quadrature", "low_orders", "nd_orders"))
+_stack_jit = jax.jit(_stack, static_argnames=("full", "stack", "quadrature", "low_orders", "nd_orders", "trace"))
 
 
 def _symmetrize_vertex(V):
@@ -466,7 +478,7 @@ def _symmetrize_vertex(V):
     return (V + jnp.swapaxes(jnp.swapaxes(V, -4, -2), -3, -1)) / 2
 
 
-def _compute(spec, X, full, all_layers, quadrature, orders):
+def _compute(spec, X, full, all_layers, quadrature, orders, trace=False):
     X = check_inputs(spec, X)
     low, nd = _split_orders(orders)
     N = X.shape[0]
@@ -475,7 +487,7 @@ def _compute(spec, X, full, all_layers, quadrature, orders):
         groups = ((jnp.asarray(i2), jnp.asarray(i3), jnp.asarray(i4)), tuple(jnp.asarray(r) for r in ranks))
     else:
         groups = None
-    kw = dict(full=full, stack=all_layers, quadrature=quadrature, low_orders=low, nd_orders=nd)
+    kw = dict(full=full, stack=all_layers, quadrature=quadrature, low_orders=low, nd_orders=nd, trace=trace)
     if is_concrete(spec, X):
         return _stack_jit(spec, X, groups, **kw)
     return _stack(spec, X, groups, **kw)
@@ -537,3 +549,201 @@ def nlo_kernel(
     """
     _, G, _ = _compute(spec, X, False, all_layers, quadrature, orders)
     return (G + jnp.swapaxes(G, -1, -2)) / 2
+
+
+# --------------------------------------------------------------------------------------------
+# The factored vertex: V as the covariance of the random kernel, never stored as N⁴ numbers.
+#
+# Unrolling the recursion, V^(L) = Σ_ℓ c_ℓ T_{L←ℓ} Σ_ℓ T_{L←ℓ}ᵀ with Σ_ℓ = Cov_{z~N(0,K^(ℓ))}[σ(z)σ(z)ᵀ]
+# (the "source" of step ℓ → ℓ+1), c_ℓ = C_W^(ℓ+1)² Π_{m>ℓ} C_W^(m+1)² r_m, and T_{L←ℓ} the composed
+# linear maps X ↦ D0∘(x1ᵀ) + D1∘(1xᵀ) + D2∘X (x = diag X) of the later steps.  Such compositions
+# keep the form X ↦ P∘X + A∘(x1ᵀ) + B∘(1xᵀ), so each step is three N×N matrices.  Each source is
+# estimated by S Gaussian samples φ_s = σ(z_s), z_s ~ N(0, K^(ℓ)), centred with the exact mean
+# M_ℓ = ⟨σσᵀ⟩: Σ_ℓ ≈ (1/S) Σ_s (φ_sφ_sᵀ - M_ℓ)^{⊗2}, unbiased and positive semi-definite.  Memory
+# is O(L·(S·N + N²)); any contraction of V with matrices costs O(L·S·N²).
+
+
+def _compose(P, A, B, D):
+    """(P, A, B) of X ↦ G(T(X)) for G = (P, A, B) and T(X) = D0∘(x1ᵀ) + D1∘(1xᵀ) + D2∘X."""
+    c = jnp.diagonal(D[0] + D[1] + D[2])  # diag T(X) = c∘x
+    return P * D[2], P * D[0] + A * c[:, None], P * D[1] + B * c[None, :]
+
+
+def _kernel_sqrt(K):
+    """R with R Rᵀ = K for a PSD K (eigenvalues clipped at 0: singular kernels are fine)."""
+    lam, U = jnp.linalg.eigh((K + K.T) / 2)
+    return U * jnp.sqrt(jnp.clip(lam, 0.0))[None, :]
+
+
+class FactoredVertex(NamedTuple):
+    """V^(L) kept as the covariance of the random kernel: V[a,b,c,d] = Σ_ℓ w_ℓ Σ_s Y_ℓs[a,b] Y_ℓs[c,d],
+    Y_ℓs = P_ℓ∘(φ_ℓsφ_ℓsᵀ - M_ℓ) + A_ℓ∘(u_ℓs 1ᵀ) + B_ℓ∘(1 u_ℓsᵀ), u_ℓs = φ_ℓs² - diag M_ℓ.
+
+    A JAX pytree.  ``rank`` = (L-1)·S; nothing of size N⁴ is formed unless :meth:`dense` is called.
+    The Monte Carlo error is unbiased with relative size ≈ √(2/S) per entry (:meth:`dense` returns it).
+    """
+
+    phi: jax.Array  # (L-1, S, N) samples σ(z_s) of each step's source
+    M: jax.Array  # (L-1, N, N) exact ⟨σσᵀ⟩ of each step
+    P: jax.Array  # (L-1, N, N)
+    A: jax.Array  # (L-1, N, N)
+    B: jax.Array  # (L-1, N, N)
+    weight: jax.Array  # (L-1,) c_ℓ / S
+
+    @property
+    def n_inputs(self) -> int:
+        return self.M.shape[-1]
+
+    @property
+    def rank(self) -> int:
+        return self.phi.shape[0] * self.phi.shape[1]
+
+    def columns(self, layer: int, s: slice = slice(None)) -> jax.Array:
+        """Y_ℓs for the samples ``s`` of source ``layer`` (0-based), shape (S', N, N), unweighted."""
+        phi = self.phi[layer, s]
+        M = self.M[layer]
+        u = phi**2 - jnp.diagonal(M)[None]
+        outer = phi[:, :, None] * phi[:, None, :] - M[None]
+        return self.P[layer] * outer + self.A[layer] * u[:, :, None] + self.B[layer] * u[:, None, :]
+
+    def project(self, mats) -> jax.Array:
+        """⟨Y_ℓs, X_k⟩_F for matrices X (k, N, N) -> (k, L-1, S)."""
+        mats = jnp.asarray(mats)
+        PX = self.P[None] * mats[:, None]  # (k, L-1, N, N)
+        quad = jnp.einsum("lsa,klab,lsb->kls", self.phi, PX, self.phi)
+        const = jnp.einsum("klab,lab->kl", PX, self.M)
+        rowA = jnp.sum(self.A[None] * mats[:, None], axis=-1)  # Σ_b (A∘X)[a, b] -> (k, L-1, N)
+        colB = jnp.sum(self.B[None] * mats[:, None], axis=-2)  # Σ_a (B∘X)[a, b]
+        u = self.phi**2 - jnp.diagonal(self.M, axis1=-2, axis2=-1)[:, None, :]
+        lin = jnp.einsum("lsa,kla->kls", u, rowA + colB)
+        return quad - const[:, :, None] + lin
+
+    def contract(self, X1, X2=None) -> jax.Array:
+        """Σ_{abcd} V[a,b,c,d] X1[i,a,b] X2[j,c,d] for stacks X1 (k1, N, N), X2 (k2, N, N) -> (k1, k2)."""
+        p1 = self.project(X1)
+        p2 = p1 if X2 is None else self.project(X2)
+        return jnp.einsum("ils,jls,l->ij", p1, p2, self.weight)
+
+    def matvec(self, X) -> jax.Array:
+        """(V·X)[a, b] = Σ_cd V[a,b,c,d] X[c,d] for one symmetric (N, N) X."""
+        coef = self.project(X[None])[0] * self.weight[:, None]  # (L-1, S)
+        outer = jnp.einsum("ls,lsa,lsb->lab", coef, self.phi, self.phi) - coef.sum(1)[:, None, None] * self.M
+        u = self.phi**2 - jnp.diagonal(self.M, axis1=-2, axis2=-1)[:, None, :]
+        cu = jnp.einsum("ls,lsa->la", coef, u)
+        return jnp.sum(self.P * outer + self.A * cu[:, :, None] + self.B * cu[:, None, :], axis=0)
+
+    def pair_matrix(self, *, chunk: int = 512) -> jax.Array:
+        """V on symmetric-matrix coordinates: (P, P), P = N(N+1)/2, entry (p, q) = w_p w_q V[a_p,b_p,a_q,b_q]
+        for pairs a <= b in ``np.triu_indices`` order, w = 1 on the diagonal and √2 off it (so that the
+        Frobenius product of symmetric matrices is the Euclidean one).  Positive semi-definite."""
+        N, S = self.n_inputs, self.phi.shape[1]
+        i, j = np.triu_indices(N)
+        wgt = jnp.where(jnp.asarray(i == j), 1.0, np.sqrt(2.0)).astype(self.M.dtype)
+        out = jnp.zeros((i.size, i.size), self.M.dtype)
+        for layer in range(self.phi.shape[0]):
+            for start in range(0, S, chunk):
+                y = self.columns(layer, slice(start, start + chunk))[:, i, j] * wgt
+                out = out + self.weight[layer] * (y.T @ y)
+        return (out + out.T) / 2
+
+    def dense(self, *, with_error: bool = False, chunk: int = 512):
+        """The (N, N, N, N) tensor (and, with ``with_error``, its Monte Carlo standard error)."""
+        N, S = self.n_inputs, self.phi.shape[1]
+        V = jnp.zeros((N,) * 4, self.M.dtype)
+        V2 = jnp.zeros_like(V) if with_error else None
+        for layer in range(self.phi.shape[0]):
+            acc = jnp.zeros_like(V)
+            acc2 = jnp.zeros_like(V) if with_error else None
+            for start in range(0, S, chunk):
+                Y = self.columns(layer, slice(start, start + chunk))
+                prod = jnp.einsum("sab,scd->sabcd", Y, Y) if with_error else None
+                acc = acc + (prod.sum(0) if with_error else jnp.einsum("sab,scd->abcd", Y, Y))
+                if with_error:
+                    acc2 = acc2 + jnp.sum(prod**2, axis=0)
+            w = self.weight[layer]
+            V = V + w * acc
+            if with_error:  # Var of w·Σ_s y_s with i.i.d. y_s: w² (Σ y² - (Σ y)²/S)
+                V2 = V2 + w**2 * (acc2 - acc**2 / S)
+        V = _symmetrize_vertex(V)
+        return (V, jnp.sqrt(jnp.clip(V2, 0.0))) if with_error else V
+
+
+def _factored(spec, K_tr, F_tr, D_tr, samples: int, key) -> FactoredVertex:
+    """Build the factored V^(L) from the traced per-step (K^(ℓ), ⟨σσ⟩, D^(ℓ)), ℓ = 1..L-1."""
+    steps, N = K_tr.shape[0], K_tr.shape[-1]
+    dtype = K_tr.dtype
+    if steps == 0:
+        z = jnp.zeros((0, N, N), dtype)
+        return FactoredVertex(jnp.zeros((0, samples, N), dtype), z, z, z, z, jnp.zeros((0,), dtype))
+    w = spec.widths
+    ratios = jnp.asarray([w[l] / w[l - 1] for l in range(1, spec.depth)], dtype)
+    C_W = spec.layer_values("C_W", dtype)[1:]
+    P, A, B = jnp.ones((N, N), dtype), jnp.zeros((N, N), dtype), jnp.zeros((N, N), dtype)
+    cum = jnp.ones((), dtype)
+    Ps, As, Bs, ws = [None] * steps, [None] * steps, [None] * steps, [None] * steps
+    for i in reversed(range(steps)):  # step i+1 -> i+2 (0-based i), propagated by the later steps
+        Ps[i], As[i], Bs[i] = P, A, B
+        ws[i] = C_W[i] ** 2 * cum / samples
+        cum = cum * C_W[i] ** 2 * ratios[i]
+        P, A, B = _compose(P, A, B, D_tr[i])
+    xi = jax.random.normal(key, (steps, samples, N), dtype)
+    R = jax.vmap(_kernel_sqrt)(K_tr)
+    phi = spec.activation.fn(jnp.einsum("lsk,lak->lsa", xi, R))
+    return FactoredVertex(phi, F_tr, jnp.stack(Ps), jnp.stack(As), jnp.stack(Bs), jnp.stack(ws))
+
+
+class PriorStatistics(NamedTuple):
+    """Everything the O(1/n) prior needs, from one pass of the recursion (output layer L).
+
+    ``E[z_i z_j] = δ_ij (K + K1/width)``; connected four-point = (V δδ + 2 perms)/width, with
+    width = n_{L-1}.  ``V`` is an (N, N, N, N) array or a :class:`FactoredVertex`.
+    """
+
+    K: jax.Array
+    K1: jax.Array
+    V: jax.Array | FactoredVertex
+    width: int
+
+    def vertex_dense(self) -> jax.Array:
+        return self.V.dense() if isinstance(self.V, FactoredVertex) else self.V
+
+
+@float64_theory
+def prior_statistics(
+    spec: MLPSpec,
+    X,
+    *,
+    factored: bool | None = None,
+    samples: int = 4096,
+    key=None,
+    quadrature: bool = False,
+    orders: dict | None = None,
+) -> PriorStatistics:
+    """K^(L), K^{1}(L) and the vertex V^(L) in one pass.
+
+    Parameters
+    ----------
+    factored : bool, optional
+        Keep V as a :class:`FactoredVertex` (Monte Carlo source with ``samples`` draws per layer,
+        O(L·S·N) memory, exact K and K^{1}) instead of the exact dense (N, N, N, N) tensor.  Default:
+        dense for N <= 24 inputs, factored above (the dense path costs O(N⁴) four-dimensional
+        Gaussian integrals per layer).
+    samples, key :
+        Draws per layer for the factored source (relative error ≈ √(2/samples)) and the PRNG key
+        (default ``jax.random.PRNGKey(0)``, so results are reproducible).
+    """
+    X = check_inputs(spec, X)
+    N = X.shape[0]
+    if factored is None:
+        factored = N > 24
+    if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 2:
+        raise ValueError(f"samples must be an integer >= 2 (Monte Carlo draws per layer), got {samples!r}.")
+    width = spec.widths[-2]
+    if not factored:
+        (K, G, _) = _compute(spec, X, False, False, quadrature, orders)
+        V = four_point_vertex(spec, X, quadrature=quadrature, orders=orders)
+    else:
+        (K, G, _), (K_tr, F_tr, D_tr) = _compute(spec, X, False, False, quadrature, orders, trace=True)
+        key = jax.random.PRNGKey(0) if key is None else key
+        V = _factored(spec, K_tr, F_tr, D_tr, int(samples), key)
+    return PriorStatistics(K, (G + G.T) / 2, V, width)
