@@ -60,8 +60,11 @@ def check_positive(name: str, value, *, strict: bool = True):
 
 
 def check_order(order) -> int:
-    if order not in (0, 1) or isinstance(order, bool):
-        raise ValueError(f"order must be 0 (infinite width, Gaussian) or 1 (with 1/n corrections), got {order!r}.")
+    if isinstance(order, bool) or not isinstance(order, (int, np.integer)) or order not in (0, 1):
+        raise ValueError(
+            f"order must be 0 (infinite width, Gaussian) or 1 (with 1/n corrections), got {order!r}"
+            + (' (order="exact" exists for NetworkPrior only).' if order == "exact" else ".")
+        )
     return int(order)
 
 

@@ -157,10 +157,13 @@ class NetworkPrior(KernelGaussian):
     ``order=1``: the O(1/n) law, returned as a :class:`FiniteWidthPrior` (a proper mixture over the
     random kernel with the theory's second and fourth cumulants; keyword arguments ``samples`` and
     ``key`` select the Monte Carlo vertex for more than 24 inputs).
+    ``order="exact"``: the exact finite-width law where it exists (scale-invariant σ, zero biases
+    after layer 1, one input — or a linear network with one output), an
+    :class:`eft_prob.exact.ExactNetworkPrior`.
 
     :param MLPSpec spec: the architecture and prior (C_b, C_W may be traced, e.g. NUTS over them).
     :param X: inputs (N, input_dim).
-    :param int order: 0 (Gaussian limit) or 1 (with the 1/n corrections).
+    :param order: 0 (Gaussian limit), 1 (with the 1/n corrections) or "exact".
     :param noise_var: optional observation-noise variance σ² >= 0: the law of y = f(X) + ε,
         ε ~ N(0, σ²) per output, i.e. N(0, (K + σ²) ⊗ I).  As a likelihood this is the evidence
         of Bayesian learning, so NUTS can infer (C_b, C_W, σ²) from data.
@@ -171,9 +174,14 @@ class NetworkPrior(KernelGaussian):
         # NetworkPrior(spec, X, order=1) is a FiniteWidthPrior (a mixture, not a single Gaussian).
         # Called without arguments (pytree unflattening) it is a plain NetworkPrior.
         order = kwargs.get("order", args[2] if len(args) > 2 else 0)
-        if cls is NetworkPrior and (args or kwargs) and check_order(order) == 1:
-            kwargs = {k: v for k, v in kwargs.items() if k != "order"}
-            return FiniteWidthPrior(*args[:2], **kwargs)
+        if cls is NetworkPrior and (args or kwargs):
+            rest = {k: v for k, v in kwargs.items() if k != "order"}
+            if isinstance(order, str) and order == "exact":
+                from .exact import ExactNetworkPrior
+
+                return ExactNetworkPrior(*args[:2], **rest)
+            if check_order(order) == 1:
+                return FiniteWidthPrior(*args[:2], **rest)
         return super().__new__(cls)
 
     def __init__(self, spec: MLPSpec, X, order: int = 0, *, noise_var=0.0, jitter: float = 1e-10, validate_args=None):

@@ -123,15 +123,20 @@ def test_predictive_prior_and_obs_site(case):
     assert pr2["f"].shape == pr["f"].shape
 
 
-def test_order_one_not_yet_and_bad_order():
-    with pytest.raises(NotImplementedError, match="four-point vertex"):
-        NetworkPrior(SPEC, X, order=1)
+def test_order_dispatch_and_bad_order():
+    from eft_prob.distributions import FiniteWidthPrior
+    from eft_prob.exact import ExactNetworkPrior
+
+    assert isinstance(NetworkPrior(SPEC, X, order=1), FiniteWidthPrior)
+    relu = ep.MLPSpec.at_criticality(2, (16, 16), 1, "relu")
+    assert isinstance(NetworkPrior(relu, X[:1], order="exact"), ExactNetworkPrior)
     with pytest.raises(NotImplementedError, match="order=0"):
         BayesianPosterior(SPEC, X, Y, XT, 0.1, order=1)
     with pytest.raises(NotImplementedError):
         TrainedNetwork(SPEC, X, Y, XT, order=1)
-    with pytest.raises(ValueError, match="order must be 0"):
-        NetworkPrior(SPEC, X, order=2)
+    for bad in (2, -1, 0.5, True, "one"):
+        with pytest.raises(ValueError, match="order must be 0"):
+            NetworkPrior(SPEC, X, order=bad)
 
 
 def test_bad_arguments():
