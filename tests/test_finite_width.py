@@ -69,9 +69,7 @@ def test_log_prob_is_the_mixture_density(prior):
     p = np.exp(np.asarray(d.log_weights))
     ref = []
     for x in v:
-        dens = [
-            np.prod([stats.multivariate_normal(np.zeros(3), Gk).pdf(x[:, i]) for i in range(2)]) for Gk in G
-        ]
+        dens = [np.prod([stats.multivariate_normal(np.zeros(3), Gk).pdf(x[:, i]) for i in range(2)]) for Gk in G]
         ref.append(np.log(np.dot(p, dens)))
     np.testing.assert_allclose(d.log_prob(v), ref, rtol=1e-9)
 
@@ -195,7 +193,7 @@ def test_bad_input():
         NetworkPrior(SPEC, X, order=2)
     with pytest.raises(ValueError, match="up to 64 inputs"):
         NetworkPrior(SPEC, np.random.default_rng(0).normal(size=(65, 2)), order=1)
-    with pytest.raises(ValueError, match="NaN|finite"):
+    with pytest.raises(ValueError, match=r"NaN|finite"):
         NetworkPrior(SPEC, np.array([[np.nan, 0.0], [0.5, 0.5]]), order=1)
     with pytest.raises(ValueError, match="hidden layer"):
         NetworkPrior(ep.MLPSpec(2, (), 1, "tanh"), X, order=1)
