@@ -486,3 +486,58 @@ def test_nlo_kernel_of_finite_networks(name, C_b, C_W, hidden):
     bs = _fit_and_check([n * hidden[-1] for n in widths], est, ses, theory, f"K1 {name}", 1e-9)
     assert np.max(bs[:, 1]) < 0.05 * np.abs(theory).max()
     assert n_last0 == 8 * hidden[-1]
+
+
+# --------------------------------------------------------------------------------------------
+# The factored vertex (prior_statistics(..., factored=True)).
+
+
+@pytest.mark.parametrize("act", ["relu", "tanh"])
+def test_factored_vertex_agrees_with_dense_within_its_monte_carlo_error(act):
+    """Five distinct inputs, depth 4, unequal widths: the factored V (Monte Carlo source, 4096 draws
+    per layer) equals the exact dense V within its own standard error, entry by entry."""
+    from eft_prob.theory import prior_statistics
+
+    spec = ep.MLPSpec(3, (40, 24, 32), 1, act, C_b=0.05, C_W=2.0 if act == "relu" else 1.2)
+    x = np.random.default_rng(11).normal(size=(5, 3))
+    Vd = np.asarray(ep.theory.four_point_vertex(spec, x))
+    st = prior_statistics(spec, x, factored=True, samples=4096)
+    Vf, se = (np.asarray(a) for a in st.V.dense(with_error=True))
+    z = np.abs(Vf - Vd) / np.maximum(se, 1e-300)
+    assert z.max() < 5.0, z.max()  # entries share the draws, so they are correlated: no mean-z test
+    assert np.abs(Vf - Vd).max() / np.abs(Vd).max() < 0.05
+    # exact parts of the same pass: K and K^{1}
+    np.testing.assert_allclose(st.K, ep.theory.nngp(spec, x), rtol=1e-10)
+    np.testing.assert_allclose(st.K1, ep.theory.nlo_kernel(spec, x), rtol=1e-9, atol=1e-12)
+    assert st.width == 32 and st.V.rank == 3 * 4096  # one source per step ℓ -> ℓ+1, ℓ = 1..L-1
+
+
+def test_factored_vertex_contractions_are_the_dense_algebra():
+    """contract, matvec, project and pair_matrix are exact algebra on the same factor."""
+    from eft_prob.distributions import _pair_coordinates
+    from eft_prob.theory import prior_statistics
+
+    spec = ep.MLPSpec.at_criticality(2, (16, 16, 16), 1, "tanh")
+    x = np.random.default_rng(2).normal(size=(4, 2))
+    V = prior_statistics(spec, x, factored=True, samples=256).V
+    D = np.asarray(V.dense())
+    rng = np.random.default_rng(3)
+    A = rng.normal(size=(3, 4, 4))
+    A = A + np.swapaxes(A, 1, 2)
+    np.testing.assert_allclose(V.contract(A), np.einsum("abcd,iab,jcd->ij", D, A, A), rtol=1e-10)
+    np.testing.assert_allclose(V.matvec(A[0]), np.einsum("abcd,cd->ab", D, A[0]), rtol=1e-10, atol=1e-12)
+    i, j, w = _pair_coordinates(4)
+    np.testing.assert_allclose(V.pair_matrix(), D[i, j][:, i, j] * np.outer(w, w), rtol=1e-10, atol=1e-14)
+    assert np.linalg.eigvalsh(np.asarray(V.pair_matrix())).min() > -1e-12  # PSD by construction
+
+
+def test_prior_statistics_switches_to_the_factored_vertex_above_24_inputs():
+    from eft_prob.theory import FactoredVertex, prior_statistics
+
+    spec = ep.MLPSpec.at_criticality(1, (32,), 1, "relu")
+    st = prior_statistics(spec, np.linspace(-1, 1, 25)[:, None], samples=64)
+    assert isinstance(st.V, FactoredVertex) and st.V.n_inputs == 25
+    st = prior_statistics(spec, np.linspace(-1, 1, 5)[:, None])
+    assert st.V.shape == (5,) * 4
+    with pytest.raises(ValueError, match="samples"):
+        prior_statistics(spec, np.linspace(-1, 1, 5)[:, None], factored=True, samples=0)
