@@ -46,21 +46,28 @@ def network_prior(spec: MLPSpec, X):
     return numpyro.deterministic("f", nn.apply(spec, params, X))
 
 
-def bayesian_mlp(spec: MLPSpec, X, y=None, noise_var=0.01):
+def bayesian_mlp(spec: MLPSpec, X, y=None, noise_var=0.01, X_test=None):
     """Bayesian MLP regression: θ ~ p(θ), y_α ~ N(f(x_α), noise_var) for every output neuron.
 
     ``noise_var`` is a positive float, or a NumPyro distribution used as its prior (site
     ``"noise_var"``).  Observations sit in a ``"data"`` plate of size N, so
-    ``numpyro.infer.log_likelihood`` is pointwise per input.
+    ``numpyro.infer.log_likelihood`` is pointwise per input.  With ``X_test`` (N_test, input_dim)
+    the same network's outputs there are recorded as the deterministic site ``"f_test"``
+    (N_test, n_L): the posterior predictive of f(X_test) without noise.
     """
     X = check_inputs(spec, X)
     if y is not None:
         y = check_targets(spec, y, X.shape[0])
+    if X_test is not None:
+        X_test = check_inputs(spec, X_test, "X_test")
     if isinstance(noise_var, dist.Distribution):
         noise_var = numpyro.sample("noise_var", noise_var)
     else:
         check_positive("noise_var", noise_var)
-    f = network_prior(spec, X)
+    params = sample_params(spec)
+    f = numpyro.deterministic("f", nn.apply(spec, params, X))
+    if X_test is not None:
+        numpyro.deterministic("f_test", nn.apply(spec, params, X_test))
     with numpyro.plate("data", X.shape[0]):
         numpyro.sample("y", dist.Normal(f, jnp.sqrt(noise_var)).to_event(1), obs=y)
     return f
