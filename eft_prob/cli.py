@@ -568,7 +568,8 @@ def _simulate(log: _Log, cfg: Config, data: Data, sizes: dict) -> dict:
             chunk_size=_chunk(cfg, "training"),
         )
         test_final, train_final = _np(res.test_final), _np(res.train_final)
-    ok = np.all(np.isfinite(test_final), axis=(1, 2)) & np.all(np.isfinite(train_final), axis=(1, 2))
+    # diverged networks are stopped at their last finite state, so finite outputs alone do not mean converged
+    ok = ~np.asarray(res.diverged) & np.all(np.isfinite(test_final), axis=(1, 2))
     diverged = int((~ok).sum())
     resid = np.max(np.abs(train_final[ok] - data.y), axis=(1, 2)) if ok.any() else np.array([np.nan])
     log.detail(

@@ -1,3 +1,9 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import jax
 import numpy as np
 import pytest
@@ -48,22 +54,6 @@ def test_prior_outputs_bad_arguments(kwargs, match):
     spec = ep.MLPSpec(2, (4,), 1)
     with pytest.raises(ValueError, match=match):
         ep.ensemble.prior_outputs(spec, np.ones((2, 2)), key=jax.random.key(0), **kwargs)
-
-
-def test_train_reduces_loss_and_bad_arguments():
-    spec = ep.MLPSpec(1, (32, 32), 1, "tanh", lambda_b=0.5)
-    X = np.array([[-0.8], [0.1], [0.7]])
-    y = np.array([[0.3], [-0.2], [0.5]])
-    r = ep.ensemble.train(spec, X, y, np.array([[0.4]]), 6, 0.3, 300, jax.random.key(0))
-    assert r.train_final.shape == (6, 3, 1) and r.test_final.shape == (6, 1, 1)
-    init_loss = 0.5 * np.sum((np.asarray(r.train_init) - y) ** 2, axis=(1, 2))
-    assert np.all(np.asarray(r.loss) < 1e-3 * init_loss)
-    with pytest.raises(ValueError, match="learning_rate"):
-        ep.ensemble.train(spec, X, y, X, 2, -0.1, 10, jax.random.key(0))
-    with pytest.raises(ValueError, match="steps"):
-        ep.ensemble.train(spec, X, y, X, 2, 0.1, -1, jax.random.key(0))
-    with pytest.raises(ValueError, match=r"y must have shape"):
-        ep.ensemble.train(spec, X, y[:2], X, 2, 0.1, 10, jax.random.key(0))
 
 
 def test_prior_kernels_are_the_metrics_of_the_prior_outputs_networks():
@@ -130,3 +120,245 @@ def test_prior_kernels_moments_match_the_output_moments():
             assert abs(diff) <= 4.5 * infl.std() / np.sqrt(M), (p, q, diff)
     for a in range(3):
         check(np.mean(z[:, a] ** 4, axis=-1) - 3 * G[:, a, a] ** 2, f"E z⁴ = 3 E Ĝ² ({a})")
+
+
+# ------------------------------------------------------------------------------------------------
+# train: full-batch GD ensembles
+
+TRAIN_SPEC = ep.MLPSpec(1, (16, 16), 2, "tanh", C_b=0.1, lambda_b=0.5)
+XA = np.array([[-0.9], [-0.3], [0.2], [0.8]])
+YA = np.stack([np.sin(3 * XA[:, 0]), np.cos(2 * XA[:, 0])], axis=1)
+XB = np.array([[0.45], [-0.6]])
+
+
+def _eta(spec=TRAIN_SPEC, X=XA, fraction=0.9):
+    return fraction * float(ep.theory.training.stability_bound(ep.theory.ntk(spec, X)))
+
+
+def _train(M=7, steps=60, **kwargs):
+    return ep.ensemble.train(TRAIN_SPEC, XA, YA, XB, M, _eta(), steps, jax.random.key(3), **kwargs)
+
+
+def _assert_identical(a, b):
+    for name in a._fields:
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype and np.array_equal(x, y), name
+
+
+def test_train_reduces_loss_and_returns_every_field():
+    spec = ep.MLPSpec(1, (32, 32), 1, "tanh", lambda_b=0.5)
+    X = np.array([[-0.8], [0.1], [0.7]])
+    y = np.array([[0.3], [-0.2], [0.5]])
+    r = ep.ensemble.train(spec, X, y, np.array([[0.4]]), 6, 0.3, 300, jax.random.key(0))
+    assert r.train_final.shape == (6, 3, 1) and r.test_final.shape == (6, 1, 1)
+    assert r.train_init.shape == (6, 3, 1) and r.test_init.shape == (6, 1, 1)
+    assert all(isinstance(a, np.ndarray) for a in r) and r.loss.dtype == np.float64
+    init_loss = 0.5 * np.sum((r.train_init - y) ** 2, axis=(1, 2))
+    assert np.all(r.loss < 1e-3 * init_loss)
+    np.testing.assert_allclose(r.loss, 0.5 * np.sum((r.train_final - y) ** 2, axis=(1, 2)), rtol=1e-12)
+    assert not r.diverged.any() and np.all(r.steps_done == 300)
+    # the initial outputs are those of the prior networks with the same keys
+    f0 = ep.ensemble.prior_outputs(spec, np.concatenate([X, [[0.4]]]), 6, jax.random.key(0))
+    np.testing.assert_allclose(np.concatenate([r.train_init, r.test_init], axis=1), f0, rtol=1e-13, atol=1e-15)
+
+
+def test_train_steps_zero_leaves_the_networks_at_initialization():
+    r = _train(M=3, steps=0)
+    _assert_identical(r._replace(train_final=r.train_init, test_final=r.test_init), r)
+    assert np.all(r.steps_done == 0)
+
+
+def test_train_is_bit_identical_for_any_chunk_size():
+    """Network m's arithmetic is the compiled loop body alone, whatever the chunk holds (padding too)."""
+    ref = _train(chunk_size=7)
+    for chunk in (1, 3, None):
+        _assert_identical(_train(chunk_size=chunk), ref)
+    # batch_size vectorizes networks: equal up to rounding (XLA lowers batched matmuls differently)
+    b = _train(chunk_size=4, batch_size=2)
+    np.testing.assert_allclose(b.test_final, ref.test_final, rtol=1e-9, atol=1e-12)
+
+
+def test_train_float32():
+    """float32 networks are drawn in float32 (other random numbers than float64: other networks)."""
+    r = _train(M=3, dtype="float32")
+    assert all(a.dtype == np.float32 for a in r[:5])
+    X = np.concatenate([XA, XB]).astype(np.float32)
+    keys = jax.random.split(jax.random.key(3), 3)
+    f0 = np.stack([ep.nn.apply(TRAIN_SPEC, ep.nn.init(TRAIN_SPEC, k, np.float32), X) for k in keys])
+    assert f0.dtype == np.float32
+    np.testing.assert_allclose(np.concatenate([r.train_init, r.test_init], axis=1), f0, rtol=1e-5, atol=1e-6)
+    assert np.all(r.loss < 0.05 * 0.5 * np.sum((r.train_init - YA) ** 2, axis=(1, 2)))
+
+
+def test_train_diverging_networks_are_stopped_at_their_last_finite_state():
+    """Linear width-4 networks at twice the infinite-width bound: most diverge, a few survive."""
+    spec = ep.MLPSpec(1, (4,), 1, "linear", C_b=0.1)
+    X = np.linspace(-1, 1, 4)[:, None]
+    y = np.sin(3 * X)
+    eta, steps, key = _eta(spec, X, 2.0), 200, jax.random.key(1)
+    with pytest.warns(ep.StabilityWarning) as record:
+        r = ep.ensemble.train(spec, X, y, X[:1], 32, eta, steps, key)
+    messages = [str(w.message) for w in record]
+    assert any("at or above the infinite-width GD stability bound" in m for m in messages)
+    n_div = int(r.diverged.sum())
+    assert 0 < n_div < 32
+    assert any(m.startswith(f"{n_div} of 32 networks diverged") for m in messages)
+    assert np.all(np.isfinite(r.loss)) and np.all(np.isfinite(r.test_final))
+    assert np.all(r.steps_done[r.diverged] < steps) and np.all(r.steps_done[~r.diverged] == steps)
+    # the reported state is the state after steps_done steps: training for that many steps gives it
+    s = int(r.steps_done[r.diverged].min())
+    with pytest.warns(ep.StabilityWarning):
+        short = ep.ensemble.train(spec, X, y, X[:1], 32, eta, s, key)
+    same = r.diverged & (r.steps_done == s)
+    assert same.any() and not short.diverged[same].any()
+    assert np.array_equal(short.train_final[same], r.train_final[same])
+    assert np.array_equal(short.loss[same], r.loss[same])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(learning_rate=-0.1), "learning_rate"),
+        (dict(learning_rate=float("nan")), "learning_rate"),
+        (dict(learning_rate=[0.1, 0.2]), "learning_rate"),
+        (dict(steps=-1), "steps"),
+        (dict(steps=2.5), "steps"),
+        (dict(n_networks=0), "n_networks"),
+        (dict(y=YA[:3]), r"y must have shape \(N_train, output_dim\) = \(4, 2\)"),
+        (dict(y=np.where(YA > 0.5, np.nan, YA)), "y contains NaN"),
+        (dict(X=XA.reshape(2, 2)), r"X must have shape \(N, input_dim\)"),
+        (dict(X_test=np.array([[np.inf]])), "X_test contains 1 NaN or infinite"),
+        (dict(key=0), r"jax.random.key\(0\)"),
+        (dict(key=jax.random.split(jax.random.key(0), 2)), "single JAX PRNG key"),
+        (dict(dtype="float16"), "dtype must be float64"),
+        (dict(chunk_size=0), "chunk_size"),
+        (dict(batch_size=1.5), "batch_size"),
+        (dict(devices=[]), "devices"),
+        (dict(checkpoint=3), "checkpoint must be a directory path"),
+    ],
+)
+def test_train_bad_arguments(kwargs, match):
+    args = dict(X=XA, y=YA, X_test=XB, n_networks=2, learning_rate=0.1, steps=3, key=jax.random.key(0))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        ep.ensemble.train(TRAIN_SPEC, **args)
+
+
+def test_train_checkpoint_that_is_a_file(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("")
+    with pytest.raises(ValueError, match="is a file"):
+        _train(M=2, checkpoint=f)
+
+
+class _Crash(Exception):
+    pass
+
+
+def _crash_after(k, computed):
+    def hook(c, outputs):
+        computed.append(c)
+        if len(computed) == k:
+            raise _Crash
+
+    return hook
+
+
+def test_checkpoint_resume_is_bit_identical_and_skips_finished_chunks(tmp_path, monkeypatch, capsys):
+    ref = _train(M=10, chunk_size=3)  # uninterrupted, no checkpoint
+    d = tmp_path / "ck"
+    computed = []
+    monkeypatch.setattr(ep.ensemble, "_after_chunk_hook", _crash_after(2, computed))
+    with pytest.raises(_Crash):
+        _train(M=10, chunk_size=3, checkpoint=d)
+    assert computed == [0, 1]
+    assert sorted(os.listdir(d)) == ["chunk_000000.npz", "chunk_000001.npz", "manifest.json"]
+    manifest = json.loads((d / "manifest.json").read_text())
+    assert manifest["layout"]["chunk_size"] == 3 and manifest["arguments"]["n_networks"] == "10"
+    # restart: the two stored chunks are loaded, chunks 2 and 3 computed (chunk_size comes from the manifest)
+    computed.clear()
+    monkeypatch.setattr(ep.ensemble, "_after_chunk_hook", lambda c, out: computed.append(c))
+    _assert_identical(_train(M=10, checkpoint=d, progress=True), ref)
+    assert computed == [2, 3]
+    err = capsys.readouterr().err
+    assert "resumed from" in err and "2/4 chunks (6 networks) done" in err and "chunk 4/4, 10/10 networks" in err
+    # complete: nothing recomputed; a deleted chunk is recomputed alone
+    computed.clear()
+    _assert_identical(_train(M=10, chunk_size=3, checkpoint=d), ref)
+    assert computed == []
+    (d / "chunk_000001.npz").unlink()
+    _assert_identical(_train(M=10, chunk_size=3, checkpoint=d), ref)
+    assert computed == [1]
+    assert not [n for n in os.listdir(d) if n.endswith(".tmp")]
+
+
+def test_checkpoint_refuses_to_mix_runs(tmp_path):
+    d = tmp_path / "ck"
+    _train(M=4, chunk_size=2, checkpoint=d)
+    with pytest.raises(ValueError, match=r"different arguments \(steps: stored '60', now '61'\)"):
+        _train(M=4, steps=61, checkpoint=d)
+    with pytest.raises(ValueError, match=r"different arguments.*n_networks.*"):
+        _train(M=5, checkpoint=d)
+    with pytest.raises(ValueError, match=r"different arguments.*key"):
+        ep.ensemble.train(TRAIN_SPEC, XA, YA, XB, 4, _eta(), 60, jax.random.key(4), checkpoint=d)
+    with pytest.raises(ValueError, match=r"different arguments.*X_test"):
+        ep.ensemble.train(TRAIN_SPEC, XA, YA, XB + 1e-9, 4, _eta(), 60, jax.random.key(3), checkpoint=d)
+    with pytest.raises(ValueError, match=r"different arguments.*dtype"):
+        _train(M=4, checkpoint=d, dtype="float32")
+    with pytest.raises(ValueError, match=r"chunk_size=2.*this run has chunk_size=3"):
+        _train(M=4, chunk_size=3, checkpoint=d)
+    with pytest.raises(ValueError, match=r"batch_size=1.*this run has batch_size=2"):
+        _train(M=4, batch_size=2, checkpoint=d)
+    # a chunk file of another run, and a damaged chunk file
+    other = tmp_path / "other"
+    _train(M=4, steps=5, chunk_size=2, checkpoint=other)
+    os.replace(other / "chunk_000001.npz", d / "chunk_000001.npz")
+    with pytest.raises(ValueError, match="does not belong to this run"):
+        _train(M=4, checkpoint=d)
+    (d / "chunk_000001.npz").write_bytes(b"not an npz file")
+    with pytest.raises(ValueError, match=r"chunk_000001.npz' is unreadable.*delete this file"):
+        _train(M=4, checkpoint=d)
+
+
+_SHARDED = textwrap.dedent(
+    """
+    import sys
+    import jax
+    import numpy as np
+    import eft_prob as ep
+    from tests.test_ensemble import TRAIN_SPEC, XA, YA, XB
+
+    assert jax.device_count() == 8 and not jax.config.jax_enable_x64
+    shards = []
+    ep.ensemble._after_chunk_hook = lambda c, out: shards.append(
+        [[len(a.sharding.device_set)] + [s.data.shape[0] for s in a.addressable_shards] for a in out]
+    )
+    args = (TRAIN_SPEC, XA, YA, XB, 21, float(sys.argv[2]), 60, jax.random.key(3))
+    r8 = ep.ensemble.train(*args, chunk_size=16)
+    one = ep.ensemble.train(*args, chunk_size=5, devices=jax.devices()[:1])
+    np.savez(sys.argv[1], shards=np.array(shards[:2]), **{f"r8_{k}": v for k, v in r8._asdict().items()},
+             **{f"one_{k}": v for k, v in one._asdict().items()})
+    """
+)
+
+
+@pytest.mark.slow
+def test_sharded_over_8_devices_is_bit_identical_to_one_device(tmp_path):
+    """8 fake CPU devices (the flag must reach XLA before jax is imported, hence a subprocess).
+
+    Bit-for-bit, not to a tolerance: each device runs the same compiled per-network loop body
+    (lax.map over its networks), so no reduction is reordered by the sharding.  The subprocess
+    also runs with x64 off, so its float64 comes from train's local x64 scope.
+    """
+    out = tmp_path / "r.npz"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env.pop("JAX_ENABLE_X64", None)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", _SHARDED, str(out), repr(_eta())], env=env, cwd=root, check=True, timeout=300)
+    z = np.load(out)
+    # chunks of 16 networks: every output sharded over the 8 devices, 2 networks each
+    assert np.all(z["shards"][..., 0] == 8) and np.all(z["shards"][..., 1:] == 2)
+    ref = _train(M=21)  # this process: one device, x64 on globally
+    for k in ref._fields:
+        assert np.array_equal(z[f"r8_{k}"], getattr(ref, k)) and z[f"r8_{k}"].dtype == getattr(ref, k).dtype, k
+        assert np.array_equal(z[f"one_{k}"], getattr(ref, k)), k
