@@ -29,8 +29,9 @@ def check_inputs(spec, X, name: str = "X") -> jax.Array:
         )
     if X.shape[0] < 1:
         raise ValueError(f"{name} must hold at least one input, got shape {tuple(X.shape)}.")
-    if is_concrete(X) and not bool(jnp.all(jnp.isfinite(X))):
-        bad = int(jnp.sum(~jnp.isfinite(X)))
+    # numpy, not jnp: inside a user's jit even operations on concrete arrays are staged (tracers)
+    if is_concrete(X) and not np.all(np.isfinite(np.asarray(X))):
+        bad = int(np.sum(~np.isfinite(np.asarray(X))))
         raise ValueError(f"{name} contains {bad} NaN or infinite value(s); clean or drop those inputs.")
     return X
 
@@ -44,7 +45,7 @@ def check_targets(spec, y, n: int, name: str = "y") -> jax.Array:
         raise ValueError(
             f"{name} must have shape (N_train, output_dim) = ({n}, {spec.output_dim}), got {tuple(y.shape)}."
         )
-    if is_concrete(y) and not bool(jnp.all(jnp.isfinite(y))):
+    if is_concrete(y) and not np.all(np.isfinite(np.asarray(y))):
         raise ValueError(f"{name} contains NaN or infinite values; clean or drop those targets.")
     return y
 
