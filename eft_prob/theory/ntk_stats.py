@@ -1,0 +1,652 @@
+"""O(1/n) statistics of the NTK, the dNTK and the ddNTKs at initialization (THEORY.md §6, §9).
+
+Definitions (ΔĤ = Ĥ - E Ĥ; all at layer ℓ, normalized by n = n_{ℓ-1}; sample indices after the
+semicolon, every sum over ordered index values, book chapters 8, 11 and ∞):
+
+* mean NTK          E[Ĥ_{i1i2;α1α2}] = δ_{i1i2} [Θ_{α1α2} + H1_{α1α2}/n]                          (§6.2, §6.5)
+* NTK variance      E[ΔĤ_{i1i2;α1α2} ΔĤ_{i3i4;α3α4}]
+                    = [δ_{i1i2}δ_{i3i4} A_{(α1α2)(α3α4)} + δ_{i1i3}δ_{i2i4} B_{α1α3α2α4}
+                       + δ_{i1i4}δ_{i2i3} B_{α1α4α2α3}]/n                                          (§6.3)
+* NTK-preactivation E[ΔĤ_{i1i2;α1α2} z_{i3;α3} z_{i4;α4}]
+                    = [δ_{i1i2}δ_{i3i4} D_{α1α2α3α4} + δ_{i1i3}δ_{i2i4} F_{α1α3α2α4}
+                       + δ_{i1i4}δ_{i2i3} F_{α1α4α2α3}]/n                                          (§6.3)
+* dNTK              E[dĤ_{i0i1i2;δ0δ1δ2} z_{i3;δ3}]
+                    = [δ_{i0i3}δ_{i1i2} P_{δ0δ1δ2δ3} + δ_{i0i1}δ_{i2i3} Q_{δ0δ1δ2δ3}
+                       + δ_{i0i2}δ_{i1i3} Q_{δ0δ2δ1δ3}]/n                                          (§9.3)
+* ddNTKs            E[ddĤ_I{i0i1i2i3;δ0δ1δ2δ3}] = [δ_{i0i1}δ_{i2i3} R_{δ0δ1δ2δ3} + 2 cyclic]/n,
+                    E[ddĤ_II{i1i2i3i4;δ1δ2δ3δ4}] = [δ_{i1i2}δ_{i3i4} S_{δ1δ2δ3δ4}
+                       + δ_{i1i3}δ_{i4i2} T_{δ1δ3δ4δ2} + δ_{i1i4}δ_{i2i3} U_{δ1δ4δ2δ3}]/n          (§9.4)
+
+with dĤ and ddĤ the λ-weighted contractions of second and third parameter derivatives of §9.1.
+Arrays store the tensors in exactly the written index order: ``B[p, q, r, s]`` = B_{pqrs} (the two
+NTKs are (p, r) and (q, s)), ``F[p, q, r, s]`` = F_{pqrs} (NTK, z, NTK, z: (p, q) on one neuron,
+(r, s) on the other), ``T[p, q, r, s]`` = T_{pqrs} (so E[ddĤ_II{ikik;δ1δ2δ3δ4}] = T[δ1, δ3, δ4, δ2]/n
+for i ≠ k), ``U[p, q, r, s]`` = U_{pqrs}.  All vanish at ℓ = 1.
+
+Every statistic obeys a layer-to-layer recursion with the hyperparameters of layer ℓ+1, Gaussian
+expectations ⟨·⟩ = ⟨·⟩_{K^(ℓ)} and the width ratio r_ℓ = n_ℓ/n_{ℓ-1} in front of every term that
+propagates an O(1/n) tensor (THEORY.md §0.3).  The recursions are those of THEORY.md §6.4–6.5 and
+§9.3–9.4, with the corrected T of §9.4.  They need
+
+* four-point expectations ⟨σ^(p)_a σ^(q)_b σ^(r)_c σ^(s)_d⟩ for every index tuple: each set of m <= 4
+  distinct inputs gets one nested tensor rule of eft_prob.gauss (sinh trapezoid for smooth σ, the
+  kink-split rule otherwise) that returns the moments of all products of derivatives at once, and
+  the (N, N, N, N) tensors are gathered from these tables;
+* Stein forms ⟨∂_β(f_a h_b)⟩ = δ_{βa}⟨f'_a h_b⟩ + δ_{βb}⟨f_a h'_b⟩ and the "χ-like" derivatives of
+  pair functions, Σ_β X_{β1β2} ∂⟨f_a h_b⟩/∂K_{β1β2} (ordered sums, K_{β1β2} and K_{β2β1} independent),
+  which for kinked σ come from automatic differentiation of the closed forms.
+
+For kinked (scale-invariant) σ, σ'' and σ''' are distributions and a real network's second
+parameter derivatives miss them, so the dNTK and ddNTK statistics (P, Q, R, S, T, U) are computed
+for smooth activations only; K, K^{1}, V, Θ, H^{1}, A, B, D, F for any activation.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import gauss
+from .._config import float64_theory, is_concrete
+from .._validate import check_inputs
+from ..spec import MLPSpec
+from .kernels import _first_layer
+from .vertex import _grad_hess, _partials
+
+__all__ = ["NTKStatistics", "ntk_statistics"]
+
+# Nodes per axis of the nested rules for m distinct inputs (smooth: sinh trapezoid; kinked: 2q, q
+# Gauss nodes per half-line).  Smooth: ~1e-9 (m <= 2), ~1e-8 (m = 3), ~1e-7 (m = 4) relative for
+# tanh-like σ at K <= O(1).
+_NODES = {False: {1: 96, 2: 56, 3: 32, 4: 24}, True: {1: 64, 2: 32, 3: 20, 4: 16}}
+_MAX_ELEMS = 2_000_000  # grid points times functions per quadrature chunk
+_PAIR_ORDER = 5  # pair moments ⟨σ^(p)_a σ^(q)_b⟩ with p, q <= 5 (Hessian of ⟨σ'σ'⟩ needs σ^(5))
+
+
+# --------------------------------------------------------------------------------------------
+# Derivatives of σ and product moments over distinct inputs.
+
+
+def _d(fn):
+    """Elementwise derivative of an elementwise function (one JVP with unit tangents)."""
+    return lambda z: jax.jvp(fn, (z,), (jnp.ones_like(z),))[1]
+
+
+@functools.cache
+def _derivative_fns(act, order: int):
+    """(σ, σ', ..., σ^(order)) as elementwise functions."""
+    fs = [act.fn, act.grad]
+    while len(fs) <= order:
+        fs.append(_d(fs[-1]))
+    return tuple(fs[: order + 1])
+
+
+@functools.cache
+def _basis(P: int, max_size: int):
+    """Products of derivative orders on one variable: all multisets of {0..P} of size 1..max_size."""
+    out = []
+    for s in range(1, max_size + 1):
+        out.extend(itertools.combinations_with_replacement(range(P + 1), s))
+    return tuple(out)
+
+
+def _basis_eval(fns, basis):
+    """z -> stack over the basis of Π_{p in t} σ^(p)(z), shape (len(basis), *z.shape)."""
+
+    def f(z):
+        vals = [g(z) for g in fns]
+        return jnp.stack([math.prod((vals[p] for p in t[1:]), start=vals[t[0]]) for t in basis])
+
+    return f
+
+
+def _nested_table(K, evals, kinked: bool, n: int):
+    """T[b, f_0, ..., f_{m-1}] = ⟨Π_k evals[k](z_k)[f_k]⟩ for kernels K (B, m, m), flattened to (B, F^m).
+
+    One nested rule (:func:`eft_prob.gauss._nested_nodes`); the sum over ξ_k is taken innermost
+    first, each step contracting the functions of z_k with the table of the inner variables.
+    """
+    zs, ws = gauss._nested_nodes(K, kinked, n)
+    m = K.shape[-1]
+    acc = None
+    for k in reversed(range(m)):
+        z = zs[k].reshape(zs[k].shape[: 1 + k + 1])  # drop the singleton axes of inner variables
+        phi = evals[k](z) * ws[k]  # (F_k, B, n^(k+1))
+        if acc is None:
+            acc = jnp.sum(phi, axis=-1)
+        else:
+            acc = jnp.einsum("f...i,g...i->fg...", phi, acc)
+            acc = acc.reshape((-1, *acc.shape[2:]))
+    return acc.T  # (B, F^m)
+
+
+def _chunked_tables(K_sub, evals, kinked, n, per_item):
+    """_nested_table over the leading axis of K_sub in chunks of bounded size."""
+    S = K_sub.shape[0]
+    chunk = max(1, min(S, _MAX_ELEMS // max(1, per_item)))
+    n_chunks = -(-S // chunk)
+    pad = n_chunks * chunk - S
+    if pad:
+        K_sub = jnp.concatenate([K_sub, jnp.broadcast_to(K_sub[:1], (pad, *K_sub.shape[1:]))])
+    if n_chunks == 1:
+        return _nested_table(K_sub, evals, kinked, n)[:S]
+    out = jax.lax.map(lambda k: _nested_table(k, evals, kinked, n), K_sub.reshape(n_chunks, chunk, *K_sub.shape[1:]))
+    return out.reshape(n_chunks * chunk, -1)[:S]
+
+
+def _subset_rank(u, N):
+    """Index of the sorted tuple u in itertools.combinations(range(N), len(u)) order."""
+    m = len(u)
+    r, prev = 0, -1
+    for j, v in enumerate(u):
+        for w in range(prev + 1, v):
+            r += math.comb(N - 1 - w, m - 1 - j)
+        prev = v
+    return r
+
+
+@functools.cache
+def _table_layout(N: int, P: int, restrict):
+    """Which subsets get a table and up to which derivative order.
+
+    Returns {m: [(P_level, subsets (S, m) int array)]} with the groups in table order.  Without
+    ``restrict`` every subset gets order P.  With ``restrict = (n_first, orders)``, a subset with
+    k inputs of index >= n_first (test inputs) gets order ``orders[k]`` (-1: no table), so that a
+    caller needing only entries with few test indices skips the rest (the recursions are closed on
+    index subsets: an entry depends only on entries whose inputs are among its own).
+    """
+    layout = {}
+    for m in range(1, min(4, N) + 1):
+        subsets = np.array(list(itertools.combinations(range(N), m)), dtype=np.int32).reshape(-1, m)
+        if restrict is None:
+            levels = np.full(len(subsets), P)
+        else:
+            n_first, orders = restrict
+            k = np.sum(subsets >= n_first, axis=1)
+            levels = np.array([orders[i] if i < len(orders) else -1 for i in k])
+        layout[m] = [(int(q), subsets[levels == q]) for q in sorted(set(levels.tolist())) if q >= 0]
+    return layout
+
+
+@functools.cache
+def _gather_index(N: int, P: int, restrict, combo: tuple[int, ...]):
+    """Flat indices into the concatenated tables (one trailing zero) of ⟨σ^(p0)_a σ^(p1)_b σ^(p2)_c σ^(p3)_d⟩."""
+    layout = _table_layout(N, P, restrict)
+    where, off = {}, 0
+    for m, groups in layout.items():
+        for q, subsets in groups:
+            F = len(_basis(q, 5 - m))
+            for r, u in enumerate(map(tuple, subsets)):
+                where[u] = (q, off + r * F**m)
+            off += len(subsets) * F**m
+    lookup = {(m, q): {t: i for i, t in enumerate(_basis(q, 5 - m))} for m in range(1, 5) for q in range(P + 1)}
+    idx = np.full(N**4, off, dtype=np.int64)  # default: the trailing zero (entry not computed)
+    for flat, tup in enumerate(itertools.product(range(N), repeat=4)):
+        u = tuple(sorted(set(tup)))
+        if u not in where or where[u][0] < max(combo):
+            continue
+        q, pos = where[u]
+        m = len(u)
+        F = len(lookup[m, q])
+        for j, v in enumerate(u):
+            orders = tuple(sorted(p for p, t in zip(combo, tup) if t == v))
+            pos += lookup[m, q][orders] * F ** (m - 1 - j)
+        idx[flat] = pos
+    return idx
+
+
+def _moment_tables(act, K, P, kinked, nodes, restrict):
+    """All subset tables of products of σ, ..., σ^(P), concatenated, plus a trailing zero."""
+    fns = _derivative_fns(act, P)
+    parts = []
+    for m, groups in _table_layout(K.shape[0], P, restrict).items():
+        n = nodes[m]
+        for q, subsets in groups:
+            basis = _basis(q, 5 - m)
+            K_sub = K[subsets[:, :, None], subsets[:, None, :]]
+            evals = [_basis_eval(fns[: q + 1], basis)] * m
+            parts.append(_chunked_tables(K_sub, evals, kinked, n, len(basis) * n**m).reshape(-1))
+    return jnp.concatenate([*parts, jnp.zeros(1, K.dtype)])
+
+
+def _four_point(tables, N, P, restrict, combo):
+    """(N, N, N, N) tensor ⟨σ^(combo[0])_a σ^(combo[1])_b σ^(combo[2])_c σ^(combo[3])_d⟩."""
+    return tables[_gather_index(N, P, restrict, combo)].reshape(N, N, N, N)
+
+
+def _pair_moments(act, K, P, kinked, n):
+    """M[p, q, a, b] = ⟨σ^(p)_a σ^(q)_b⟩ for all ordered pairs, the diagonal included (singular 2×2 rule)."""
+    N = K.shape[0]
+    fns = _derivative_fns(act, P)
+    a, b = np.meshgrid(np.arange(N), np.arange(N), indexing="ij")
+    pairs = np.stack([a.ravel(), b.ravel()], 1)
+    K_sub = K[pairs[:, :, None], pairs[:, None, :]]
+    ev = lambda z: jnp.stack([g(z) for g in fns])
+    table = _chunked_tables(K_sub, [ev, ev], kinked, n, (P + 1) * n * n)
+    return table.reshape(N, N, P + 1, P + 1).transpose(2, 3, 0, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Pair functions and their derivatives in the coordinates (K_aa, K_bb, K_ab) of each pair.
+#
+# g[u, a, b] with u = 0, 1, 2 for K_aa, K_bb, K_ab (symmetric parameter), h[u, v, a, b] the
+# Hessian; on the diagonal a = b the function depends on K_aa only and everything sits on u = 0.
+
+
+class _Pair(NamedTuple):
+    val: jax.Array  # (N, N)
+    g: jax.Array  # (3, N, N)
+    h: jax.Array  # (3, 3, N, N)
+
+
+def _on_diagonal(g, h, g1, h1):
+    N = g.shape[-1]
+    eye = jnp.eye(N, dtype=bool)
+    g = jnp.where(eye, 0.0, g).at[0].add(jnp.diag(g1))
+    h = jnp.where(eye, 0.0, h).at[0, 0].add(jnp.diag(h1))
+    return g, h
+
+
+def _smooth_pair(M, val, p):
+    """Derivatives of ⟨σ^(p)_a σ^(p)_b⟩ from the Stein moments M[p, q] = ⟨σ^(p)_a σ^(q)_b⟩."""
+    m = lambda i, j: M[p + i, p + j]
+    g = jnp.stack([m(2, 0) / 2, m(0, 2) / 2, m(1, 1)])
+    h = jnp.stack(
+        [
+            jnp.stack([m(4, 0) / 4, m(2, 2) / 4, m(3, 1) / 2]),
+            jnp.stack([m(2, 2) / 4, m(0, 4) / 4, m(1, 3) / 2]),
+            jnp.stack([m(3, 1) / 2, m(1, 3) / 2, m(2, 2)]),
+        ]
+    )
+    # a = b: G(K) = ⟨f(z)²⟩, G' = ½⟨(f²)''⟩ = ⟨f''f⟩ + ⟨f'²⟩, G'' = ¼⟨(f²)''''⟩ = ½⟨f''''f⟩ + 2⟨f'''f'⟩ + (3/2)⟨f''²⟩
+    dg = lambda X: jnp.diagonal(X)
+    g1 = dg(m(2, 0)) + dg(m(1, 1))
+    h1 = dg(m(4, 0)) / 2 + 2 * dg(m(3, 1)) + 1.5 * dg(m(2, 2))
+    g, h = _on_diagonal(g, h, g1, h1)
+    return _Pair(val, g, h)
+
+
+def _closed_pair(pair_fn, diag_fn, K):
+    """Derivatives of a closed-form pair function by automatic differentiation (kinked σ).
+
+    ``diag_fn(K_aa)`` is the same expectation for a = b (the arc-cosine forms are not
+    differentiable at ρ = 1, where ⟨σ'_aσ'_b⟩ has an infinite slope in K_ab).
+    """
+    d = jnp.diagonal(K)
+    args = (d[:, None] + 0 * K, d[None, :] + 0 * K, K)
+    val = pair_fn(*args)
+    g, h = _grad_hess(pair_fn, args)
+    df = lambda k: _partials(diag_fn, (k,), 0)
+    g, h = _on_diagonal(g, h, df(d), _partials(df, (d,), 0))
+    return _Pair(val, g, h)
+
+
+# --------------------------------------------------------------------------------------------
+# Contractions with derivatives of pair functions (ordered sums over β).
+
+
+def _diag2(W):
+    """W[a, b, c, c] -> (a, b, c)."""
+    return jnp.einsum("abcc->abc", W)
+
+
+def _d_last(g, W):
+    """out[a,b,c,d] = Σ_β W[a, b, β1, β2] ∂g_{cd}/∂K_{β1β2}."""
+    Wd = _diag2(W)
+    Ws = (W + jnp.swapaxes(W, -1, -2)) / 2
+    return g[0] * Wd[:, :, :, None] + g[1] * Wd[:, :, None, :] + g[2] * Ws
+
+
+def _d_first(g, W):
+    """out[a,b,c,d] = Σ_β ∂g_{ab}/∂K_{β1β2} W[β1, β2, c, d]."""
+    return jnp.transpose(_d_last(g, jnp.transpose(W, (2, 3, 0, 1))), (2, 3, 0, 1))
+
+
+def _d_same(g, W):
+    """out[a,b] = Σ_β W[a, b, β1, β2] ∂g_{ab}/∂K_{β1β2}."""
+    return jnp.einsum("abab->ab", _d_last(g, W))
+
+
+def _d_mat(g, X):
+    """out[a,b] = Σ_β X[β1, β2] ∂g_{ab}/∂K_{β1β2}."""
+    x = jnp.diagonal(X)
+    return g[0] * x[:, None] + g[1] * x[None, :] + g[2] * (X + X.T) / 2
+
+
+def _dd_same(h, W):
+    """out[a,b] = Σ_β W[β1, β2, β3, β4] ∂²g_{ab}/∂K_{β1β2}∂K_{β3β4} (W symmetric within each pair)."""
+    N = W.shape[0]
+    A = jnp.broadcast_to(jnp.arange(N)[:, None], (N, N))
+    B = A.T
+    I, J = (A, B, A), (A, B, B)
+    Wb = jnp.stack([jnp.stack([W[I[u], J[u], I[v], J[v]] for v in range(3)]) for u in range(3)])
+    return jnp.sum(h * Wb, axis=(0, 1))
+
+
+def _vv(g1, g2, V):
+    """Σ_β V[β1β2β3β4] ∂g1_{ab}/∂K_{β1β2} ∂g2_{cd}/∂K_{β3β4} -> (a, b, c, d)."""
+    return _d_last(g2, _d_first(g1, V))
+
+
+# --------------------------------------------------------------------------------------------
+# The recursion.
+
+
+_STATS = ("K", "Theta", "K1", "V", "H1", "A", "B", "D", "F", "P", "Q", "R", "S", "T", "U")
+
+
+def _zeros_state(K1, T1, derivatives):
+    N = K1.shape[0]
+    z2 = jnp.zeros_like(K1)
+    z4 = jnp.zeros((N,) * 4, K1.dtype)
+    st = {"K": K1, "Theta": T1, "K1": z2, "V": z4, "H1": z2, "A": z4, "B": z4, "D": z4, "F": z4}
+    if derivatives:
+        st.update({k: z4 for k in ("P", "Q", "R", "S", "T", "U")})
+    return st
+
+
+def _layer_step(act, st, hyper, derivatives: bool, nodes, restrict=None):
+    """One step ℓ -> ℓ+1 of every recursion (THEORY.md §3.5, §6.2–6.5, §9.3–9.4)."""
+    C_b, C_W, l_b, l_W, r = hyper
+    K, Th = st["K"], st["Theta"]
+    N = K.shape[0]
+    kinked = act.kinked
+    P = 3 if derivatives else 1
+    ss, dd = gauss.sigma_moments(act, K)
+
+    # Pair functions ⟨σσ⟩, ⟨σ'σ'⟩ with derivatives, and first-order Stein moments.
+    if kinked:
+        A2 = act.A2  # scale-invariant: ⟨σ²⟩_K = A2 K, ⟨σ'²⟩_K = A2 (THEORY.md §4.3)
+        S2 = _closed_pair(lambda a, b, c: act.pair(a, b, c)[0], lambda k: A2 * k, K)
+        D2 = _closed_pair(lambda a, b, c: act.pair(a, b, c)[1], lambda k: A2 + 0 * k, K)
+        # ⟨σ''_a σ_b⟩ = (⟨z_a σ'_a σ_b⟩ - K_ab⟨σ'_a σ'_b⟩)/K_aa (Stein), and zσ'(z) = σ(z) here.
+        dK = jnp.diagonal(K)
+        pos = dK > 0
+        e20 = jnp.where(pos[:, None], (ss - K * dd) / jnp.where(pos, dK, 1.0)[:, None], 0.0)
+        e31 = e22 = None
+    else:
+        M = _pair_moments(act, K, _PAIR_ORDER, False, nodes[2])
+        S2 = _smooth_pair(M, ss, 0)
+        D2 = _smooth_pair(M, dd, 1)
+        e20, e31, e22 = M[2, 0], M[3, 1], M[2, 2]
+
+    tables = _moment_tables(act, K, P, kinked, nodes, restrict)
+    E = functools.partial(_four_point, tables, N, P, restrict)
+    E0000, E1100, E1111 = E((0, 0, 0, 0)), E((1, 1, 0, 0)), E((1, 1, 1, 1))
+
+    # Ω̄_{ab} = λ_W σ_aσ_b + C_W Θ_ab σ'_aσ'_b (THEORY.md §6.2): mean and derivatives.
+    Om = l_W * ss + C_W * Th * dd
+    gOm = l_W * S2.g + C_W * Th * D2.g
+    E0011 = jnp.transpose(E1100, (2, 3, 0, 1))  # ⟨σ_aσ_bσ'_cσ'_d⟩
+    OmOm = l_W**2 * E0000 + l_W * C_W * (Th[None, None] * E0011 + Th[:, :, None, None] * E1100)
+    OmOm = OmOm + C_W**2 * Th[:, :, None, None] * Th[None, None] * E1111
+    Om_ss = l_W * E0000 + C_W * Th[:, :, None, None] * E1100  # ⟨Ω̄_ab σ_c σ_d⟩
+
+    V, G1, D, A, B, F, H1 = (st[k] for k in ("V", "K1", "D", "A", "B", "F", "H1"))
+    out = {}
+    out["K"] = C_b + C_W * ss
+    out["Theta"] = l_b + l_W * ss + C_W * dd * Th
+    out["V"] = C_W**2 * (E0000 - ss[:, :, None, None] * ss[None, None] + r * _vv(S2.g, S2.g, V))
+    corr = lambda pair: _d_mat(pair.g, G1) + 0.5 * _dd_same(pair.h, V)  # 𝒞[f]: 1/n part of E[f]
+    out["K1"] = r * C_W * corr(S2)
+    W_H = D + 2 * jnp.transpose(F, (0, 2, 1, 3))  # D_{abβ1β2} + 2 F_{aβ1bβ2}
+    out["H1"] = r * (l_W * corr(S2) + C_W * Th * corr(D2) + C_W * dd * H1 + C_W * _d_same(D2.g, W_H))
+
+    # B'_{pqrs}: NTKs (p, r), (q, s).
+    out["B"] = C_W**2 * (
+        E1111 * Th[:, None, :, None] * Th[None, :, None, :] + r * dd[:, :, None, None] * dd[None, None] * B
+    )
+    # F'_{pqrs} (NTK p, z q, NTK r, z s).
+    E1100_F = jnp.einsum("prqs->pqrs", E1100) * Th[:, None, :, None]  # ⟨σ'_pσ'_rσ_qσ_s⟩ Θ_pr
+    Fd = jnp.einsum("ppqq->pq", F)  # F[p, p, r, r]
+    Fl = jnp.einsum("pprs->prs", F)  # F[p, p, r, s]
+    Fr = jnp.einsum("pqrr->pqr", F)  # F[p, q, r, r]
+    Fprop = (
+        e20[:, :, None, None] * e20[None, None] * Fd[:, None, :, None]
+        + e20[:, :, None, None] * dd[None, None] * Fl[:, None, :, :]
+        + dd[:, :, None, None] * e20[None, None] * Fr[:, :, :, None]
+        + dd[:, :, None, None] * dd[None, None] * F
+    )
+    out["F"] = C_W**2 * (E1100_F + r * Fprop)
+    # D'_{abcd} (NTK ab, z cd).
+    out["D"] = C_W * (
+        Om_ss
+        - Om[:, :, None, None] * ss[None, None]
+        + r * (_vv(gOm, S2.g, V) + C_W * dd[:, :, None, None] * _d_last(S2.g, D))
+    )
+    # A'_{(ab)(cd)}.
+    DOm = dd[:, :, None, None] * _d_last(gOm, D)  # ⟨σ'_aσ'_b⟩ Σ_β D_{abβ} ∂⟨Ω̄_cd⟩/∂K_β
+    out["A"] = (
+        OmOm
+        - Om[:, :, None, None] * Om[None, None]
+        + r
+        * (
+            _vv(gOm, gOm, V)
+            + C_W * (DOm + jnp.transpose(DOm, (2, 3, 0, 1)))
+            + C_W**2 * dd[:, :, None, None] * dd[None, None] * A
+        )
+    )
+    if derivatives:
+        out.update(_derivative_step(E, st, out, Th, dd, e20, e31, e22, C_W, l_W, r))
+    return out
+
+
+def _derivative_step(E, st, new, Th, dd, e20, e31, e22, C_W, l_W, r):
+    """P, Q, R, S, T, U at layer ℓ+1 (THEORY.md §9.3–9.4, T as corrected there)."""
+    P, Q, R, S, T, U, B, F = (st[k] for k in ("P", "Q", "R", "S", "T", "U", "B", "F"))
+    E1111, E2110, E3111, E2211 = E((1, 1, 1, 1)), E((2, 1, 1, 0)), E((3, 1, 1, 1)), E((2, 2, 1, 1))
+    E1100 = E((1, 1, 0, 0))
+    x = lambda M: M[:, :, None, None]  # M[a, b] on axes (0, 1)
+    y = lambda M: M[None, None]  # M[c, d] on axes (2, 3)
+    out = {}
+
+    # P'_{abcd} (δ0 δ1 δ2 δ3) and Q'.
+    src_PQ = C_W**2 * E2110 * Th[:, :, None, None] * Th[:, None, :, None]  # Θ_ab Θ_ac
+    Baa = jnp.einsum("aabc->abc", B)  # B[a, a, b, c]
+    Paa = jnp.einsum("abca->abc", P)  # P[a, b, c, a]
+    out["P"] = src_PQ + r * C_W**2 * dd[None, :, :, None] * (
+        e20[:, None, None, :] * (Baa[:, :, :, None] + Paa[:, :, :, None]) + P * dd[:, None, None, :]
+    )
+    # Σ F_{aβ1cβ2}⟨∂β1(σ''_aσ'_b)⟩⟨∂β2(σ'_cσ_d)⟩
+    Fd = jnp.einsum("aacc->ac", F)  # F[a, a, c, c]
+    Fl = jnp.einsum("aacd->acd", F)  # F[a, a, c, d]
+    Fr = jnp.einsum("abcc->abc", F)  # F[a, b, c, c]
+    Fq = (
+        e31[:, :, None, None] * e20[None, None] * Fd[:, None, :, None]
+        + e31[:, :, None, None] * dd[None, None] * Fl[:, None, :, :]
+        + e22[:, :, None, None] * e20[None, None] * Fr[:, :, :, None]
+        + e22[:, :, None, None] * dd[None, None] * F
+    )
+    Qcc = jnp.einsum("abcc->abc", Q)  # Q[a, b, c, c]
+    out["Q"] = (
+        src_PQ + (l_W / C_W) * new["F"] + r * C_W**2 * (x(Th) * Fq + x(dd) * (Qcc[:, :, :, None] * y(e20) + Q * y(dd)))
+    )
+
+    # U'_{pqrs} = U_{δ1δ4δ2δ3}: p = δ1, q = δ4, r = δ2, s = δ3.
+    src_U = jnp.einsum("prsq->pqrs", E2211 * Th[:, :, None, None] * Th[:, None, :, None] * Th[None, :, None, :])
+    out["U"] = C_W**2 * (src_U + r * x(dd) * y(dd) * U)
+
+    # S'_{abcd}: B_{abcd} has NTKs (a, c), (b, d).
+    out["S"] = (
+        C_W * l_W * E1111 * Th[:, None, :, None] * Th[None, :, None, :]
+        + C_W**2 * E2211 * Th[:, :, None, None] * Th[:, None, :, None] * Th[None, :, None, :]
+        + r * C_W * y(dd) * (l_W * x(dd) + C_W * x(Th) * x(e22)) * B
+        + r * C_W**2 * x(dd) * y(dd) * S
+    )
+
+    # R'_{abcd} (δ0 δ1 δ2 δ3).
+    Pa = jnp.einsum("acda->acd", P)  # P[a, c, d, a]
+    BP = Baa + Pa  # B[a, a, c, d] + P[a, c, d, a]  (a, c, d)
+    Pb = jnp.transpose(P, (0, 3, 1, 2))  # P[a, c, d, b] -> [a, b, c, d]
+    E2011 = jnp.transpose(E2110, (0, 3, 1, 2))  # ⟨σ''_a σ_b σ'_c σ'_d⟩
+    out["R"] = (
+        l_W * C_W * E2011 * Th[:, None, :, None] * Th[:, None, None, :]
+        + C_W**2 * E3111 * Th[:, :, None, None] * Th[:, None, :, None] * Th[:, None, None, :]
+        + r
+        * y(dd)
+        * (
+            l_W * C_W * (x(e20) * BP[:, None] + x(dd) * Pb)
+            + C_W**2 * x(Th) * (x(e31) * BP[:, None] + x(e22) * Pb)
+            + C_W**2 * x(dd) * R
+        )
+    )
+
+    # T'_{acdb} with a = δ1, b = δ2, c = δ3, d = δ4: build X[a, b, c, d], then T'[a, c, d, b] = X.
+    def FF(f_lo, f_hi, g_lo, g_hi):
+        """𝓕_{ac|bd}(f, g) = Σ F_{aβ1bβ2}⟨∂β1 f_ac⟩⟨∂β2 g_bd⟩, ⟨∂_β f_ac⟩ = δ_βa f_lo + δ_βc f_hi; -> [a, b, c, d]."""
+        Fab = jnp.einsum("aabb->ab", F)  # F[a, a, b, b]
+        Fabd = jnp.einsum("aabd->abd", F)  # F[a, a, b, d]
+        Facb = jnp.einsum("acbb->abc", F)  # F[a, c, b, b] -> [a, b, c]
+        Facbd = jnp.transpose(F, (0, 2, 1, 3))  # F[a, c, b, d] -> [a, b, c, d]
+        fl, fh = f_lo[:, None, :, None], f_hi[:, None, :, None]  # (a, c)
+        gl, gh = g_lo[None, :, None, :], g_hi[None, :, None, :]  # (b, d)
+        return (
+            fl * gl * Fab[:, :, None, None]
+            + fl * gh * Fabd[:, :, None, :]
+            + fh * gl * Facb[:, :, :, None]
+            + fh * gh * Facbd
+        )
+
+    ac = lambda M: M[:, None, :, None]  # M[a, c]
+    bd = lambda M: M[None, :, None, :]  # M[b, d]
+    ab = lambda M: M[:, :, None, None]
+    Q4 = jnp.transpose(Q, (0, 2, 1, 3))  # Q[a, c, b, d] -> [a, b, c, d]
+    Q_acbb = jnp.einsum("acbb->abc", Q)[:, :, :, None]  # Q[a, c, b, b]
+    Q_bdaa = jnp.einsum("bdaa->abd", Q)[:, :, None, :]  # Q[b, d, a, a]
+    Q_bdac = jnp.transpose(Q, (2, 0, 3, 1))  # Q[b, d, a, c] -> [a, b, c, d]
+    E1201 = jnp.transpose(E2110, (1, 0, 3, 2))  # ⟨σ'_a σ''_b σ_c σ'_d⟩ = E2110[b, a, d, c]
+    E1100_T = jnp.transpose(E1100, (0, 1, 2, 3))  # ⟨σ'_aσ'_bσ_cσ_d⟩
+    T_old = jnp.transpose(T, (0, 3, 1, 2))  # T[a, c, d, b] -> [a, b, c, d]
+    X = (
+        l_W**2 * E1100_T * ab(Th)
+        + r * l_W**2 * FF(e20, dd, e20, dd)
+        + C_W * l_W * E1201 * ab(Th) * bd(Th)
+        + r * C_W * l_W * bd(Th) * FF(e20, dd, e31, e22)
+        + r * C_W * l_W * bd(dd) * (ac(e20) * Q_bdaa + ac(dd) * Q_bdac)
+        + C_W * l_W * E2110 * ab(Th) * ac(Th)
+        + r * C_W * l_W * ac(Th) * jnp.transpose(FF(e20, dd, e31, e22), (1, 0, 3, 2))
+        + r * C_W * l_W * ac(dd) * (bd(e20) * Q_acbb + bd(dd) * Q4)
+        + r * C_W**2 * ac(dd) * bd(dd) * T_old
+        + C_W**2 * E2211 * ab(Th) * ac(Th) * bd(Th)
+        + r * C_W**2 * ac(Th) * bd(Th) * FF(e31, e22, e31, e22)
+        + r * C_W**2 * bd(Th) * ac(dd) * (bd(e31) * Q_acbb + bd(e22) * Q4)
+        + r * C_W**2 * ac(Th) * bd(dd) * (ac(e31) * Q_bdaa + ac(e22) * Q_bdac)
+    )
+    out["T"] = jnp.transpose(X, (0, 2, 3, 1))  # T'[a, c, d, b] = X[a, b, c, d]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Driver and public API.
+
+
+def _check_activation(act, derivatives: bool):
+    if act.kinked and act.slopes is None:
+        raise ValueError(
+            f"NTK statistics for the kinked activation {act.name!r} need closed forms: they are implemented "
+            "for smooth activations and for the scale-invariant class (ReLU, leaky ReLU)."
+        )
+    if derivatives and act.kinked:
+        raise ValueError(
+            f"dNTK/ddNTK statistics (P, Q, R, S, T, U) are not available for the kinked activation {act.name!r}: "
+            "they contain σ'' and σ''' (δ-functions and their derivatives for ReLU-like σ), which are not defined "
+            "pointwise. Use a smooth activation (tanh, erf, gelu, swish, ...), or derivatives=False for "
+            "K, K1, V, Θ, H1, A, B, D, F."
+        )
+
+
+def _stack(spec: MLPSpec, X, *, derivatives: bool, all_layers: bool, nodes, restrict=None):
+    act = spec.activation
+    K1, T1 = _first_layer(spec, X)
+    st = _zeros_state(K1, T1, derivatives)
+    if spec.depth == 1:
+        return jax.tree_util.tree_map(lambda a: a[None], st) if all_layers else st
+    w = spec.widths
+    ratios = jnp.asarray([w[l] / w[l - 1] for l in range(1, spec.depth)], K1.dtype)
+    names = ("C_b", "C_W", "lambda_b", "lambda_W")
+    hyper = (*(spec.layer_values(k, K1.dtype)[1:] for k in names), ratios)
+
+    def step(carry, h):
+        nxt = _layer_step(act, carry, h, derivatives, dict(nodes), restrict)
+        return nxt, (nxt if all_layers else None)
+
+    last, ys = jax.lax.scan(step, st, hyper)
+    if all_layers:
+        return jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[None], b]), st, ys)
+    return last
+
+
+_stack_jit = jax.jit(_stack, static_argnames=("derivatives", "all_layers", "nodes", "restrict"))
+
+
+class NTKStatistics(NamedTuple):
+    """The O(1/n) statistics of the output layer (or of every layer); see the module docstring.
+
+    Each field is (N, N) or (N, N, N, N) — with a leading layer axis of length L when computed
+    with ``all_layers=True`` — in the index order of the module docstring; ``P`` ... ``U`` are None
+    when the dNTK/ddNTK statistics were not computed.  ``width`` is n_{L-1}, the width that
+    normalizes the output-layer tensors (layer ℓ's tensors are normalized by n_{ℓ-1}).
+    ``K1`` is THEORY.md's G^{1}.
+    """
+
+    K: jax.Array
+    Theta: jax.Array
+    K1: jax.Array
+    V: jax.Array
+    H1: jax.Array
+    A: jax.Array
+    B: jax.Array
+    D: jax.Array
+    F: jax.Array
+    P: jax.Array | None
+    Q: jax.Array | None
+    R: jax.Array | None
+    S: jax.Array | None
+    T: jax.Array | None
+    U: jax.Array | None
+    width: int
+
+
+@float64_theory
+def ntk_statistics(spec: MLPSpec, X, *, all_layers: bool = False, derivatives: bool | None = None) -> NTKStatistics:
+    """Mean, fluctuations and derivatives of the NTK at O(1/n) (THEORY.md §6.2–6.5, §9.3–9.4).
+
+    Parameters
+    ----------
+    spec : MLPSpec
+        Any smooth activation, or a scale-invariant one (ReLU, leaky ReLU) without the dNTK/ddNTK
+        statistics; unequal hidden widths enter through r_ℓ = n_ℓ/n_{ℓ-1}.
+    X : (N, input_dim) array
+        The tensors are (N, N, N, N): use at most a few tens of inputs.
+    all_layers : bool
+        Return every layer (leading axis L) instead of the output layer.
+    derivatives : bool, optional
+        Also compute P, Q (dNTK) and R, S, T, U (ddNTK means).  Default: True for smooth
+        activations; for kinked ones it must be False.
+
+    Returns
+    -------
+    NTKStatistics
+        float64 arrays in the index conventions of the module docstring.
+
+    Notes
+    -----
+    Cost per layer: one nested Gaussian rule per set of up to four distinct inputs (C(N, 4) rules
+    of 24⁴ nodes for smooth σ) and a few dozen (N, N, N, N) contractions.  Jit-able.
+    """
+    X = check_inputs(spec, X)
+    act = spec.activation
+    if derivatives is None:
+        derivatives = not act.kinked
+    _check_activation(act, bool(derivatives))
+    nodes = tuple(sorted(_NODES[act.kinked].items()))
+    kw = dict(derivatives=bool(derivatives), all_layers=bool(all_layers), nodes=nodes)
+    st = _stack_jit(spec, X, **kw) if is_concrete(spec, X) else _stack(spec, X, **kw)
+    width = spec.widths[-2] if spec.depth > 1 else spec.widths[0]
+    return NTKStatistics(**{k: st.get(k) for k in _STATS}, width=width)

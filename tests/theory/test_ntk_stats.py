@@ -1,0 +1,241 @@
+"""O(1/n) NTK statistics: oracles, exact results, structure (THEORY.md §6.3–6.5, §7.1, §9.3–9.4, O5–O8, O14).
+
+Monte Carlo checks against real networks are in test_ntk_stats_mc.py.
+"""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import eft_prob as ep
+from eft_prob import gauss
+from eft_prob.activations import Activation, get_activation, leaky_relu
+from eft_prob.theory.ntk_stats import _NODES, _four_point, _moment_tables, ntk_statistics
+from eft_prob.theory.vertex import four_point_vertex, nlo_kernel
+
+X2 = 1.2 * np.array([[1.0, 0.5, -0.3], [0.2, -1.0, 0.7]])
+X3 = np.array([[0.9, -0.4, 0.5], [0.1, 1.0, -0.6], [-0.7, 0.3, 0.8]])
+TANH = dict(C_b=0.2, C_W=1.5, lambda_b=0.3, lambda_W=1.0)
+NAMES = ("V", "K1", "H1", "A", "B", "D", "F", "P", "Q", "R", "S", "T", "U")
+
+
+def _np(a):
+    return np.asarray(a, dtype=float)
+
+
+def _scalar(st, name, layer=None):
+    a = _np(getattr(st, name))
+    return float((a if layer is None else a[layer]).ravel()[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Oracles.
+
+
+def test_O7_relu_closed_forms_every_layer():
+    """ReLU at criticality, one input (THEORY.md §7.1): Θ = ℓθ, V = 5(ℓ-1)K², B, F, D closed forms, A by
+    its scalar recursion; G^{1} = H^{1} = 0.  Layer 4 is oracle O7: Θ = 10, V = 240, B = 175, F = 120,
+    D = 300, A = 467.5."""
+    L, lW = 7, 1.0
+    spec = ep.MLPSpec(3, (16,) * (L - 1), 1, "relu", C_b=0.0, C_W=2.0, lambda_b=0.5, lambda_W=lW)
+    st = ntk_statistics(spec, np.array([[1.0, 2.0, -1.0]]), all_layers=True)
+    K, th = 4.0, 0.5 + lW * 4.0 / 2
+    A = 0.0
+    for l in range(1, L + 1):
+        i = l - 1
+        assert _scalar(st, "Theta", i) == pytest.approx(l * th, rel=1e-12)
+        assert _scalar(st, "V", i) == pytest.approx(5 * (l - 1) * K**2, rel=1e-10, abs=1e-10)
+        assert _scalar(st, "B", i) == pytest.approx(th**2 * (l - 1) * l * (2 * l - 1) / 3, rel=1e-10, abs=1e-10)
+        assert _scalar(st, "F", i) == pytest.approx(K * th * l * (l - 1), rel=1e-10, abs=1e-10)
+        D = l * (l - 1) / 2 * (2.5 * lW * K**2 + K * th)
+        assert _scalar(st, "D", i) == pytest.approx(D, rel=1e-10, abs=1e-10)
+        assert _scalar(st, "A", i) == pytest.approx(A, rel=1e-10, abs=1e-9)
+        assert abs(_scalar(st, "H1", i)) < 1e-10 and abs(_scalar(st, "K1", i)) < 1e-10
+        T = l * th
+        A = 1.25 * lW**2 * K**2 + T**2 + lW * K * T + lW**2 / 4 * 5 * (l - 1) * K**2 + lW * D + A
+    assert [_scalar(st, k, 3) for k in ("Theta", "V", "B", "F", "D", "A")] == pytest.approx(
+        [10, 240, 175, 120, 300, 467.5], rel=1e-10
+    )
+
+
+def test_O5_tanh_single_input_table():
+    spec = ep.MLPSpec(1, (8,) * 9, 1, "tanh", C_b=0.0, C_W=1.0, lambda_b=0.0, lambda_W=1.0)
+    st = ntk_statistics(spec, np.array([[1.0]]), all_layers=True, derivatives=False)
+    table = {2: (0.85870, 0.0000, 0.00982, 0.4632, -0.0311, 0.2217),
+             3: (0.78305, -0.0663, 0.01003, 0.8261, -0.0523, 0.4334),
+             5: (0.70311, -0.2910, 0.00964, 1.5062, -0.0911, 0.8747),
+             10: (0.62413, -1.1133, 0.01193, 3.1815, -0.1765, 2.0441)}  # fmt: skip
+    for l, (th, h1, a, b, d, f) in table.items():
+        i = l - 1
+        K, T = _scalar(st, "K", i), _scalar(st, "Theta", i)
+        assert T == pytest.approx(th, abs=1e-5)
+        assert _scalar(st, "H1", i) / T == pytest.approx(h1, abs=1e-4)
+        assert _scalar(st, "A", i) / T**2 == pytest.approx(a, abs=1e-5)
+        assert _scalar(st, "B", i) / T**2 == pytest.approx(b, abs=1e-4)
+        assert _scalar(st, "D", i) / (K * T) == pytest.approx(d, abs=1e-4)
+        assert _scalar(st, "F", i) / (K * T) == pytest.approx(f, abs=1e-4)
+
+
+def test_O6_two_input_tanh():
+    st = ntk_statistics(ep.MLPSpec(3, (8, 8), 1, "tanh", **TANH), X2, derivatives=False)
+    np.testing.assert_allclose(_np(st.Theta), [[1.661967, 0.513901], [0.513901, 1.692489]], atol=1e-6)
+    np.testing.assert_allclose(_np(st.H1), [[-0.03208, 0.06311], [0.06311, -0.02762]], atol=1e-5)
+    A, B, D, F = (_np(getattr(st, k)) for k in "ABDF")
+    for T, idx, v in [(A, (0, 0, 0, 0), 0.2364), (A, (0, 1, 0, 1), 0.4275), (A, (0, 0, 0, 1), 0.0372),
+                      (A, (1, 1, 1, 1), 0.2781), (B, (0, 0, 0, 0), 1.8517), (B, (0, 1, 0, 1), 1.1802),
+                      (B, (0, 0, 1, 1), 0.0418), (B, (1, 1, 1, 1), 1.9827), (D, (0, 0, 0, 0), -0.2110),
+                      (D, (0, 1, 0, 1), 0.4027), (D, (1, 1, 1, 1), -0.2289), (F, (0, 0, 0, 0), 0.2500),
+                      (F, (0, 1, 0, 1), 0.7001), (F, (0, 0, 1, 1), 0.0033), (F, (1, 1, 1, 1), 0.2574)]:  # fmt: skip
+        assert T[idx] == pytest.approx(v, abs=1e-4), idx
+
+
+def test_O8_dntk_single_input():
+    st = ntk_statistics(ep.MLPSpec(3, (8, 8), 1, "tanh", **TANH), np.array([[1.0, -0.7, 0.4]]))
+    for k, v in [("K", 0.7305), ("Theta", 1.6278), ("V", 0.2218), ("B", 1.7148), ("F", 0.2416), ("P", -0.5926),
+                 ("Q", -0.2524)]:  # fmt: skip
+        assert _scalar(st, k) == pytest.approx(v, abs=1e-4), k
+
+
+# --------------------------------------------------------------------------------------------
+# Exact results and consistency with the rest of eft_prob.
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("act, kw", [("tanh", TANH), ("relu", dict(C_b=0.1, C_W=2.0, lambda_b=0.3))])
+def test_kernels_vertex_and_nlo_kernel_match_their_modules(act, kw):
+    spec = ep.MLPSpec(3, (8, 8, 8), 1, act, **kw)
+    st = ntk_statistics(spec, X3, all_layers=True, derivatives=False)
+    k = ep.theory.kernels(spec, X3)
+    np.testing.assert_allclose(_np(st.K), _np(k.nngp), rtol=1e-13)
+    np.testing.assert_allclose(_np(st.Theta), _np(k.ntk), rtol=1e-13)
+    np.testing.assert_allclose(_np(st.K1), _np(nlo_kernel(spec, X3, all_layers=True)), rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(_np(st.V), _np(four_point_vertex(spec, X3, all_layers=True)), rtol=1e-6, atol=1e-9)
+
+
+def test_deep_linear_network_exact_statistics_with_unequal_widths():
+    """σ(z) = z: E[Ĥ] = Θ and E[zz] = K exactly (H^{1} = K^{1} = 0), and for i ≠ k the exact
+    E[Ĥ_ik Ĥ_ik] = C_W² [E Ĥ_jj²/n_ℓ + (1 - 1/n_ℓ) E Ĥ_jl²] gives B^(L)/n_{L-1} = Σ_ℓ C_W^{2(L-ℓ)} Θ_ℓ²/n_ℓ
+    at O(1/n): this fixes where the width ratios r_ℓ = n_ℓ/n_{ℓ-1} enter (one input)."""
+    hidden, C_W = (3, 7, 5, 11), 1.3
+    spec = ep.MLPSpec(2, hidden, 1, "linear", C_b=0.2, C_W=C_W, lambda_b=0.4, lambda_W=0.7)
+    st = ntk_statistics(spec, np.array([[0.6, -1.1]]), all_layers=True)
+    L = spec.depth
+    T = _np(st.Theta)[:, 0, 0]
+    B_exact = spec.widths[L - 1] * sum(C_W ** (2 * (L - l)) * T[l - 1] ** 2 / spec.widths[l] for l in range(1, L))
+    assert _scalar(st, "B", L - 1) == pytest.approx(B_exact, rel=1e-12)
+    assert np.max(np.abs(_np(st.H1))) < 1e-12 and np.max(np.abs(_np(st.K1))) < 1e-12
+    for k in ("P", "R", "U"):  # every source term has a σ'' (= 0) or, for R, a σ'' or σ'''
+        assert np.max(np.abs(_np(getattr(st, k)))) < 1e-12, k
+
+
+def test_symmetries():
+    """THEORY.md §6.3, §9.3–9.4, O14 (three inputs, depth 4, all layers)."""
+    st = ntk_statistics(ep.MLPSpec(3, (8, 8, 8), 1, "tanh", **TANH), X3, all_layers=True)
+    t = lambda a, p: np.transpose(a, (0, *(1 + np.array(p))))
+    A, B, D, F, P, R, S, T, U = (_np(getattr(st, k)) for k in "ABDFPRSTU")
+    np.testing.assert_allclose(A, t(A, (1, 0, 2, 3)), atol=1e-12)
+    np.testing.assert_allclose(A, t(A, (2, 3, 0, 1)), atol=1e-12)
+    np.testing.assert_allclose(B, t(B, (1, 0, 3, 2)), atol=1e-12)  # swap the two NTKs: B_1324 = B_3142
+    np.testing.assert_allclose(B, t(B, (2, 3, 0, 1)), atol=1e-12)  # transpose both NTKs: B_1324 = B_2413
+    np.testing.assert_allclose(D, t(D, (1, 0, 2, 3)), atol=1e-12)
+    np.testing.assert_allclose(D, t(D, (0, 1, 3, 2)), atol=1e-12)
+    np.testing.assert_allclose(F, t(F, (2, 3, 0, 1)), atol=1e-12)  # F_1324 = F_2413
+    np.testing.assert_allclose(P, t(P, (0, 2, 1, 3)), atol=1e-12)  # P_0123 = P_0213
+    np.testing.assert_allclose(R, t(R, (0, 1, 3, 2)), atol=1e-12)  # ddĤ_I symmetric in its last three slots
+    np.testing.assert_allclose(S, t(S, (1, 0, 3, 2)), atol=1e-12)  # ddĤ_II{b1b2b3b4} = ddĤ_II{b2b1b4b3}
+    np.testing.assert_allclose(T, t(T, (3, 2, 1, 0)), atol=1e-12)  # T_{δ1δ3δ4δ2} = T_{δ2δ4δ3δ1}
+    np.testing.assert_allclose(U, t(U, (2, 3, 0, 1)), atol=1e-12)  # U_{δ1δ4δ2δ3} = U_{δ2δ3δ1δ4}
+    for k in NAMES:  # first layer: all O(1/n) tensors vanish
+        assert np.max(np.abs(_np(getattr(st, k))[0])) == 0.0
+
+
+@pytest.mark.slow
+def test_duplicated_and_permuted_inputs():
+    """Repeated inputs are handled by the singular-kernel rules: duplicating input 0 as input 3 gives
+    tensors whose index 3 behaves exactly like index 0; permuting inputs permutes every tensor."""
+    spec = ep.MLPSpec(3, (8, 8), 1, "tanh", **TANH)
+    st = ntk_statistics(spec, X3)
+    dup = ntk_statistics(spec, np.concatenate([X3, X3[:1]]))
+    perm = [2, 0, 1]
+    pst = ntk_statistics(spec, X3[perm])
+    for k in NAMES:
+        a, b, c = _np(getattr(st, k)), _np(getattr(dup, k)), _np(getattr(pst, k))
+        idx = np.ix_(*([[0, 1, 2]] * a.ndim))
+        np.testing.assert_allclose(b[idx], a, rtol=1e-9, atol=1e-11, err_msg=k)
+        swap = np.ix_(*([[3, 1, 2]] * a.ndim))  # index 3 is a copy of index 0
+        np.testing.assert_allclose(b[swap], a, rtol=5e-6, atol=1e-8, err_msg=k)
+        np.testing.assert_allclose(c, a[np.ix_(*([perm] * a.ndim))], rtol=1e-6, atol=1e-9, err_msg=k)
+
+
+# --------------------------------------------------------------------------------------------
+# The Gaussian moment tables.
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("act", ["tanh", "relu"])
+def test_four_point_tables_equal_direct_quadrature(act):
+    """Every (a, b, c, d) entry, repeated indices included, against expect_nd on the (singular) 4×4
+    sub-kernel of the tuple."""
+    act = get_activation(act)
+    kinked = act.kinked
+    P = 1 if kinked else 3
+    K = jnp.asarray([[0.9, 0.3, -0.2], [0.3, 0.7, 0.1], [-0.2, 0.1, 1.2]])
+    nodes = _NODES[kinked]
+    tables = _moment_tables(act, K, P, kinked, nodes, None)
+    fns = [act.fn, act.grad]
+    for _ in range(P - 1):
+        fns.append(lambda z, f=fns[-1]: jax.jvp(f, (z,), (jnp.ones_like(z),))[1])
+    combos = [(0, 0, 0, 0), (1, 1, 0, 0)] + ([] if kinked else [(2, 1, 1, 0), (3, 1, 1, 1), (2, 2, 1, 1)])
+    tuples = np.array(list(itertools.product(range(3), repeat=4)))
+    Ks = K[tuples[:, :, None], tuples[:, None, :]]  # (81, 4, 4), singular for repeated indices
+    for combo in combos:
+        T = _np(_four_point(tables, 3, P, None, combo)).reshape(-1)
+        f = lambda a, b, c, d, cb=combo: fns[cb[0]](a) * fns[cb[1]](b) * fns[cb[2]](c) * fns[cb[3]](d)
+        ref = _np(gauss.expect_nd(f, Ks, kinked=kinked, n=24 if kinked else 32))
+        np.testing.assert_allclose(T, ref, rtol=2e-5, atol=2e-7, err_msg=str(combo))
+
+
+@pytest.mark.slow
+def test_restricted_tables_give_the_same_entries():
+    """The trained-network path computes only entries with few test indices; those are exact."""
+    spec = ep.MLPSpec(2, (8, 8), 1, "tanh", **TANH)
+    X = np.array([[0.5, -0.3], [1.0, 0.4], [-0.8, 0.9], [0.2, 1.1], [-1.0, -0.5]])
+    full = ntk_statistics(spec, X)
+    from eft_prob.theory.ntk_stats import _stack
+
+    nodes = tuple(sorted(_NODES[False].items()))
+    raw = _stack(spec, jnp.asarray(X), derivatives=True, all_layers=False, nodes=nodes, restrict=(3, (3, 3, 2)))
+    n_test = sum(np.meshgrid(*[np.arange(5) >= 3] * 4, indexing="ij"))
+    for k, max_test in [("A", 2), ("B", 2), ("D", 2), ("F", 2), ("P", 2), ("Q", 2), ("R", 1), ("S", 1), ("T", 1)]:
+        ok = n_test <= max_test
+        np.testing.assert_allclose(_np(raw[k])[ok], _np(getattr(full, k))[ok], rtol=1e-12, atol=1e-14, err_msg=k)
+
+
+# --------------------------------------------------------------------------------------------
+# API.
+
+
+def test_kinked_activations_and_errors():
+    spec = ep.MLPSpec(3, (8, 8), 1, "relu", C_W=2.0)
+    st = ntk_statistics(spec, X3)
+    assert st.P is None and st.U is None and st.width == 8
+    with pytest.raises(ValueError, match="not available for the kinked"):
+        ntk_statistics(spec, X3, derivatives=True)
+    leaky = ntk_statistics(ep.MLPSpec(3, (8, 8), 1, leaky_relu(0.2), C_W=1.9), X3)
+    assert np.all(np.isfinite(_np(leaky.A)))
+    custom = Activation("kinky", lambda z: jnp.where(z > 0, z, jnp.tanh(z)), kinked=True)
+    with pytest.raises(ValueError, match="need closed forms"):
+        ntk_statistics(ep.MLPSpec(3, (8, 8), 1, custom), X3)
+    one = ntk_statistics(ep.MLPSpec(3, (), 2, "tanh"), X3)  # depth 1: Gaussian, frozen NTK
+    assert all(np.max(np.abs(_np(getattr(one, k)))) == 0 for k in NAMES) and one.width == 3
+
+
+def test_float64_and_jit():
+    spec = ep.MLPSpec(3, (8, 8), 1, "tanh", **TANH)
+    st = ntk_statistics(spec, X2)
+    assert all(getattr(st, k).dtype == jnp.float64 for k in NAMES)
+    f = jax.jit(lambda cw: ntk_statistics(spec.replace(C_W=cw), X2).B)
+    np.testing.assert_allclose(_np(f(1.5)), _np(st.B), rtol=1e-12)

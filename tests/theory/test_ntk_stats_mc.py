@@ -1,0 +1,91 @@
+"""O(1/n) NTK, dNTK and ddNTK statistics against Monte Carlo of real random networks (slow).
+
+For every statistic X with order-0 value X⁰ (Θ for H^{1}, K for K^{1}, 0 otherwise) we estimate
+n·(MC(n) − X⁰) at three widths (tests/theory/ntk_mc.py: exact forward NTK recursion, autodiff
+dNTK/ddNTK, last layer Rao–Blackwellized), fit c + b/n by weighted least squares and require
+c = theory within 4 standard errors for every entry of every tensor — i.e. the residual
+MC − X⁰ − theory/n has no 1/n part — with a standard error small enough that a wrong term fails.
+Two inputs everywhere (single-input tests cannot see index-order bugs).
+"""
+
+import jax
+import numpy as np
+import pytest
+
+import eft_prob as ep
+from eft_prob.theory.ntk_stats import ntk_statistics
+from tests.conftest import fit_inverse_powers
+from tests.theory.ntk_mc import ntk_statistics_mc
+
+X2 = np.array([[0.9, -0.4, 0.5], [0.1, 1.0, -0.6]])
+
+
+def _sweep(make_spec, X, widths, sizes, seed, derivatives):
+    """{name: (estimates (W, k), standard errors (W, k))} of n·(MC − order 0) over widths."""
+    theory = ntk_statistics(make_spec(widths[-1]), X, derivatives=derivatives)
+    out = {}
+    for i, (n, M) in enumerate(zip(widths, sizes)):
+        spec = make_spec(n)
+        res = ntk_statistics_mc(spec, X, M, jax.random.key(seed + i), derivatives=derivatives)
+        w = spec.widths[-2]
+        res["H1"] = (res["H1"][0] - w * np.asarray(theory.Theta), res["H1"][1])
+        res["K1"] = (res["K1"][0] - w * np.asarray(theory.K), res["K1"][1])
+        for k, (e, s) in res.items():
+            out.setdefault(k, ([], []))
+            out[k][0].append(np.ravel(e))
+            out[k][1].append(np.ravel(s))
+    return theory, {k: (np.array(e), np.array(s)) for k, (e, s) in out.items()}
+
+
+def _assert_coefficients(widths, theory, mc, names, teeth):
+    """Fit c + b/n entry by entry: |c − theory| <= 4 se(c), and se(c) <= teeth·max|theory|."""
+    for k in names:
+        th = np.ravel(np.asarray(getattr(theory, k)))
+        est, se = mc[k]
+        fits = [fit_inverse_powers(widths, est[:, j], se[:, j], (0, 1)) for j in range(th.size)]
+        c = np.array([f[0][0] for f in fits])
+        sc = np.array([f[1][0] for f in fits])
+        z = (c - th) / sc
+        assert np.all(np.abs(z) <= 4.0), (k, np.round(c, 4), np.round(th, 4), np.round(z, 2))
+        assert np.max(sc) <= teeth * np.max(np.abs(th)), (k, np.max(sc), np.max(np.abs(th)))
+
+
+@pytest.mark.slow
+def test_tanh_every_statistic_including_dntk_and_ddntks():
+    """tanh, depth 3, two inputs, three output neurons: V, A, B, D, F, P, Q, R, S, T (corrected), U."""
+    kw = dict(C_b=0.1, C_W=1.5, lambda_b=0.3, lambda_W=1.0)
+    widths = (12, 24, 48)
+    theory, mc = _sweep(
+        lambda n: ep.MLPSpec(3, (n, n), 3, "tanh", **kw), X2, widths, (2000, 1500, 800), 100, derivatives=True
+    )
+    _assert_coefficients(widths, theory, mc, ("V", "A", "D"), teeth=0.1)
+    _assert_coefficients(widths, theory, mc, ("B", "F", "R", "S", "T", "U"), teeth=0.04)
+    _assert_coefficients(widths, theory, mc, ("P", "Q"), teeth=0.08)
+
+
+@pytest.mark.slow
+def test_relu_ntk_fluctuations_with_unequal_widths():
+    """ReLU, hidden widths (2n, n) (so r = 1/2 enters), two inputs: V, A, B, D, F."""
+    kw = dict(C_b=0.1, C_W=2.0, lambda_b=0.3, lambda_W=1.0)
+    widths = (16, 32, 64)
+    theory, mc = _sweep(
+        lambda n: ep.MLPSpec(3, (2 * n, n), 3, "relu", **kw), X2, widths, (2000,) * 3, 200, derivatives=False
+    )
+    _assert_coefficients(widths, theory, mc, ("V", "A", "D"), teeth=0.08)
+    _assert_coefficients(widths, theory, mc, ("B", "F"), teeth=0.02)
+
+
+@pytest.mark.slow
+def test_tanh_nlo_ntk_mean_at_criticality():
+    """H^{1} (and K^{1}) need n·mean of an O(n^{-1/2})-noisy NTK: tanh at criticality, depth 4, where A is
+    small and H^{1} large; the off-diagonal entry H^{1}_{01} is the multi-input check."""
+    ang = 0.8
+    X = np.sqrt(3) * np.array([[1.0, 0.0, 0.0], [np.cos(ang), np.sin(ang), 0.0]])
+    kw = dict(C_b=0.0, C_W=1.0, lambda_b=0.0, lambda_W=1.0)
+    widths = (8, 16, 32)
+    theory, mc = _sweep(
+        lambda n: ep.MLPSpec(3, (n, n, n), 3, "tanh", **kw), X, widths, (12000,) * 3, 300, derivatives=False
+    )
+    _assert_coefficients(widths, theory, mc, ("H1", "K1"), teeth=0.3)
+    h1 = np.asarray(theory.H1)
+    assert abs(h1[0, 1]) > 0.5 * abs(h1[0, 0])  # the off-diagonal entry is not negligible
