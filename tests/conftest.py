@@ -4,6 +4,7 @@ The test program (not the library) switches x64 on globally, as a user's program
 """
 
 import os
+import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -12,7 +13,9 @@ import numpy as np
 import pytest
 
 jax.config.update("jax_enable_x64", True)
-_cache = os.path.expanduser("~/.cache/eft_prob_jax")
+# one cache per jax version and interpreter: entries written by another jaxlib (the CI's second,
+# Python 3.12 run) must never be read back, and a crash there takes the whole test process down
+_cache = os.path.expanduser(f"~/.cache/eft_prob_jax/{jax.__version__}-py{sys.version_info[0]}{sys.version_info[1]}")
 jax.config.update("jax_compilation_cache_dir", _cache)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
