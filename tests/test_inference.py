@@ -244,10 +244,11 @@ def test_divergence_warning_on_a_bad_setup():
 
 _DEVICES_SCRIPT = textwrap.dedent(
     """
-    import os, warnings
+    import os, sys, warnings
     import jax, numpy as np
     jax.config.update("jax_enable_x64", True)
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/eft_prob_jax"))
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(
+        f"~/.cache/eft_prob_jax/{jax.__version__}-py{sys.version_info[0]}{sys.version_info[1]}"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     warnings.simplefilter("error")
     warnings.filterwarnings("ignore", category=FutureWarning, module="arviz")
