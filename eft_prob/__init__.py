@@ -16,6 +16,7 @@ Conventions (stated once here and in the README; THEORY.md §0.3, §1):
 
 from . import activations, criticality, distributions, ensemble, gauss, models, nn, theory
 from ._config import (
+    ApproximationWarning,
     PrecisionWarning,
     RegimeWarning,
     RegularizationWarning,
@@ -30,6 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Activation",
+    "ApproximationWarning",
     "ExactNetworkPrior",
     "MLPSpec",
     "PrecisionWarning",

@@ -22,6 +22,7 @@ import warnings
 import jax
 
 __all__ = [
+    "ApproximationWarning",
     "PrecisionWarning",
     "RegimeWarning",
     "RegularizationWarning",
@@ -45,6 +46,10 @@ class StabilityWarning(UserWarning):
 
 class RegimeWarning(UserWarning):
     """The aspect ratio r = L/n is outside the regime where the requested order is valid."""
+
+
+class ApproximationWarning(UserWarning):
+    """A result is a cheaper approximation than asked for (moment matching) or carries a large Monte Carlo error."""
 
 
 def enable_x64(use_x64: bool = True) -> None:

@@ -27,7 +27,7 @@ from jax.scipy.linalg import solve_triangular
 from numpyro.distributions import Distribution, constraints
 from numpyro.distributions.util import lazy_property, validate_sample
 
-from ._config import RegimeWarning, is_concrete, precision_scope
+from ._config import ApproximationWarning, RegimeWarning, is_concrete, precision_scope
 from ._validate import check_inputs, check_order, check_positive
 from .spec import MLPSpec
 from .theory.bayes import gp_moments
@@ -35,7 +35,18 @@ from .theory.kernels import output_kernels as _kernels
 from .theory.kernels import train_test_blocks
 from .theory.training import gd_moments
 
-__all__ = ["BayesianPosterior", "FiniteWidthPrior", "KernelGaussian", "KernelMixture", "NetworkPrior", "TrainedNetwork"]
+__all__ = [
+    "BayesianPosterior",
+    "CoupledGaussian",
+    "FiniteWidthPosterior",
+    "FiniteWidthPrior",
+    "KernelGaussian",
+    "KernelMixture",
+    "MatrixNormalMixture",
+    "MomentMatchedPosterior",
+    "NetworkPrior",
+    "TrainedNetwork",
+]
 
 _matrix = constraints.independent(constraints.real, 2)
 
@@ -201,10 +212,34 @@ class NetworkPrior(KernelGaussian):
 class BayesianPosterior(KernelGaussian):
     """Posterior predictive p(f(X_test) | y) of Bayesian learning with the network prior.
 
-    Observations y = f(X) + ε with ε ~ N(0, noise_var) per output neuron.  ``order=0`` is GP
-    regression with the NNGP kernel (THEORY.md §5.1).  ``include_noise=True`` gives the predictive
-    of new noisy observations y(X_test) instead of f(X_test).
+    Observations y = f(X) + ε with ε ~ N(0, noise_var) per output neuron (noise_var > 0).
+    ``include_noise=True`` gives the predictive of new noisy observations y(X_test) instead of f(X_test).
+
+    ``order=0``: GP regression with the NNGP kernel (THEORY.md §5.1), a :class:`KernelGaussian`.
+    ``order=1``: the O(1/n) posterior (book §6.4, THEORY.md §5.2), returned as
+
+    * a :class:`FiniteWidthPosterior` — the *exact* Bayesian update of the O(1/n) prior mixture
+      (:class:`FiniteWidthPrior` on X ∪ X_test): a mixture of GP posteriors, one per kernel G_m,
+      weighted by their evidences; proper, with mean, covariance and log evidence equal to the
+      §5.2 formulas up to O(1/n²) — used when X ∪ X_test has at most 64 distinct inputs
+      (``form="mixture"``);
+    * a :class:`MomentMatchedPosterior` — the Gaussian with the O(1/n) mean and covariance of
+      :func:`eft_prob.theory.bayes.nlo_posterior_moments` (``form="gaussian"``; the posterior's own
+      O(1/n) fourth cumulant is dropped).  ``form=None`` picks the mixture when it fits and the
+      Gaussian otherwise, with an :class:`~eft_prob.ApproximationWarning`.
+
+    Keyword arguments for ``order=1``: ``form``, ``samples`` and ``key`` (Monte Carlo factored vertex
+    above 24 inputs, see :func:`eft_prob.theory.prior_statistics`).
     """
+
+    def __new__(cls, *args, **kwargs):
+        # BayesianPosterior(..., order=1) is a FiniteWidthPosterior or a MomentMatchedPosterior.
+        # Called without arguments (pytree unflattening) it is a plain BayesianPosterior.
+        order = kwargs.get("order", args[5] if len(args) > 5 else 0)
+        if cls is BayesianPosterior and (args or kwargs) and check_order(order) == 1:
+            rest = {k: v for k, v in kwargs.items() if k != "order"}
+            return _finite_width_posterior(*args[:5], **rest)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -219,9 +254,10 @@ class BayesianPosterior(KernelGaussian):
         jitter: float = 1e-10,
         validate_args=None,
     ):
-        if check_order(order) == 1:
-            raise _not_yet(type(self).__name__)
-        check_positive("noise_var", noise_var)
+        from .theory.bayes import _check_noise
+
+        check_order(order)
+        _check_noise(noise_var, X, X_test)
         with precision_scope(spec, X, y, X_test, noise_var):
             b = train_test_blocks(spec, X, y, X_test)
             m, S = gp_moments(b.K_AA, b.K_AB, b.K_BB, b.y, noise_var)
@@ -608,3 +644,421 @@ def _check_kernel(Kbar, n):
             f"K + K^{{1}}/n_{{L-1}} (n_{{L-1}} = {n}) is not positive definite (smallest eigenvalue {lam[0]:.3g}): "
             "the 1/n correction exceeds the kernel itself, far outside the 1/n regime. Use wider layers or order=0."
         )
+
+
+# --------------------------------------------------------------------------------------------
+# Bayesian posterior at finite width.
+
+
+class MatrixNormalMixture(Distribution):
+    """f ~ Σ_k π_k N(loc_k, Σ_k ⊗ I_{n_L}): a finite mixture of matrix normals with their own means.
+
+    The law of f given data when the prior is a :class:`KernelMixture`: conditioning each Gaussian
+    component on y moves its mean (differently for each kernel) and reweights it by its evidence.
+
+    :param locs: component means, batch + (C, N, n_L).
+    :param scale_trils: Cholesky factors of the component input covariances Σ_k, batch + (C, N, N).
+    :param logits: log mixture weights (normalized internally), batch + (C,).
+
+    ``covariance_matrix`` (flattened event, index α·n_L + i) follows the law of total covariance:
+    Σ_k π_k (Σ_k ⊗ I) + Σ_k π_k (m_k − m)(m_k − m)ᵀ; the second term couples output neurons.
+    """
+
+    arg_constraints = {
+        "locs": constraints.independent(constraints.real, 3),
+        "scale_trils": constraints.independent(constraints.lower_cholesky, 1),
+        "logits": constraints.real_vector,
+    }
+    support = _matrix
+    pytree_data_fields = ("locs", "scale_trils", "logits")
+    pytree_aux_fields = ("order",)
+    order = 1
+
+    def __init__(self, locs, scale_trils, logits, *, validate_args=None):
+        locs, scale_trils, logits = jnp.asarray(locs), jnp.asarray(scale_trils), jnp.asarray(logits)
+        if locs.ndim < 3 or scale_trils.ndim < 3 or logits.ndim < 1:
+            raise ValueError(
+                "MatrixNormalMixture needs locs (..., C, N, n_L), scale_trils (..., C, N, N) and logits (..., C); "
+                f"got {locs.shape}, {scale_trils.shape}, {logits.shape}."
+            )
+        C, N = locs.shape[-3], locs.shape[-2]
+        if scale_trils.shape[-3:] != (C, N, N) or logits.shape[-1] != C:
+            raise ValueError(
+                f"scale_trils must be (..., {C}, {N}, {N}) and logits (..., {C}) for locs of shape {locs.shape}; "
+                f"got {scale_trils.shape} and {logits.shape}."
+            )
+        batch_shape = lax.broadcast_shapes(locs.shape[:-3], scale_trils.shape[:-3], logits.shape[:-1])
+        event_shape = locs.shape[-2:]
+        self.locs = jnp.broadcast_to(locs, batch_shape + locs.shape[-3:])
+        self.scale_trils = jnp.broadcast_to(scale_trils, batch_shape + scale_trils.shape[-3:])
+        self.logits = jnp.broadcast_to(logits, batch_shape + logits.shape[-1:])
+        super().__init__(batch_shape=batch_shape, event_shape=event_shape, validate_args=validate_args)
+
+    @property
+    def log_weights(self):
+        return jax.nn.log_softmax(self.logits, axis=-1)
+
+    @property
+    def n_components(self) -> int:
+        return self.logits.shape[-1]
+
+    def sample(self, key, sample_shape=()):
+        k1, k2 = jax.random.split(key)
+        shape = sample_shape + self.batch_shape
+        comp = jax.random.categorical(k1, self.logits, shape=shape)[..., None, None, None]
+        L = jnp.take_along_axis(jnp.broadcast_to(self.scale_trils, shape + self.scale_trils.shape[-3:]), comp, -3)
+        m = jnp.take_along_axis(jnp.broadcast_to(self.locs, shape + self.locs.shape[-3:]), comp, -3)
+        eps = jax.random.normal(k2, shape + self.event_shape, dtype=self.locs.dtype)
+        return m[..., 0, :, :] + jnp.matmul(L[..., 0, :, :], eps)
+
+    @validate_sample
+    def log_prob(self, value):
+        diff = value[..., None, :, :] - self.locs  # batch' + (C, N, n_L)
+        L = jnp.broadcast_to(self.scale_trils, diff.shape[:-1] + diff.shape[-2:-1])
+        w = solve_triangular(L, diff, lower=True)
+        N, nL = self.event_shape
+        half_logdet = jnp.sum(jnp.log(jnp.diagonal(L, axis1=-2, axis2=-1)), -1)
+        comp = -0.5 * jnp.sum(w * w, axis=(-2, -1)) - nL * half_logdet - 0.5 * N * nL * jnp.log(2 * jnp.pi)
+        return jax.nn.logsumexp(comp + self.log_weights, axis=-1)
+
+    # -- moments ----------------------------------------------------------------------------
+    @lazy_property
+    def mean(self):
+        p = jnp.exp(self.log_weights)
+        return jnp.einsum("...k,...kai->...ai", p, self.locs)
+
+    @lazy_property
+    def component_covariances(self):
+        """Σ_k (…, C, N, N): the input covariance of each component (shared by its output neurons)."""
+        return jnp.matmul(self.scale_trils, jnp.swapaxes(self.scale_trils, -1, -2))
+
+    @lazy_property
+    def covariance_matrix(self):
+        """Covariance of the flattened event (…, N·n_L, N·n_L), index α·n_L + i."""
+        N, nL = self.event_shape
+        p = jnp.exp(self.log_weights)
+        S = jnp.einsum("...k,...kab->...ab", p, self.component_covariances)
+        eye = jnp.eye(nL, dtype=S.dtype)
+        within = S[..., :, None, :, None] * eye[:, None, :]
+        m = (self.locs - self.mean[..., None, :, :]).reshape(self.locs.shape[:-2] + (N * nL,))
+        between = jnp.einsum("...k,...ka,...kb->...ab", p, m, m)
+        return within.reshape(self.batch_shape + (N * nL, N * nL)) + between
+
+    @property
+    def variance(self):
+        d = jnp.diagonal(self.covariance_matrix, axis1=-2, axis2=-1)
+        return d.reshape(self.batch_shape + self.event_shape)
+
+    def fourth_cumulant(self):
+        """κ4 of the flattened event (M, M, M, M), M = N·n_L, index α·n_L + i (no batch shape; small
+        events only): E over components of the central fourth moment of N(m_k, S_k), m_k = loc_k − mean,
+        minus the three pairings of the total covariance."""
+        N, nL = self.event_shape
+        M = N * nL
+        if self.batch_shape:
+            raise ValueError("fourth_cumulant() needs batch_shape == (); index the batch first.")
+        if M**4 * self.n_components > 2**30:
+            raise ValueError(
+                f"fourth_cumulant would need C·(N·n_L)^4 = {M**4 * self.n_components} operations; it is meant "
+                "for small events."
+            )
+        p = jnp.exp(self.log_weights)
+        eye = jnp.eye(nL, dtype=p.dtype)
+        S = (self.component_covariances[:, :, None, :, None] * eye[:, None, :]).reshape(-1, M, M)
+        m = (self.locs - self.mean[None]).reshape(-1, M)
+        C = self.covariance_matrix
+
+        def pairings(T):  # T_{ab,cd} summed over the 3 ways to pair (abcd)
+            return T + jnp.einsum("acbd->abcd", T) + jnp.einsum("adbc->abcd", T)
+
+        mm = jnp.einsum("k,ka,kb,kc,kd->abcd", p, m, m, m, m)
+        mmS = jnp.einsum("k,ka,kb,kcd->abcd", p, m, m, S)
+        mS = mmS + jnp.einsum("abcd->cdab", mmS)  # m_a m_b S_cd + S_ab m_c m_d
+        SS = jnp.einsum("k,kab,kcd->abcd", p, S, S)
+        CC = jnp.einsum("ab,cd->abcd", C, C)
+        return mm + pairings(mS) + pairings(SS) - pairings(CC)
+
+
+def _dedupe(D):
+    """Distinct rows of D (numpy) and the index of each row's representative.
+
+    Rows closer than rounding (squared distance <= 1e-24 of the largest) are the same input: a
+    test point equal to a training point has the same output, so the kernels over D are built on
+    the distinct inputs and expanded (a repeated row makes the kernel singular otherwise)."""
+    Dn = np.asarray(D, dtype=np.float64)
+    d = np.sum((Dn[:, None, :] - Dn[None, :, :]) ** 2, axis=-1)
+    same = d <= 1e-24 * (1.0 + np.max(d))
+    rep = np.argmax(same, axis=1)  # first equal row
+    keep = np.unique(rep)
+    index = np.searchsorted(keep, rep)
+    return keep, index
+
+
+class FiniteWidthPosterior(MatrixNormalMixture):
+    """p(f(X_test) | y) at O(1/n) as the exact posterior of the O(1/n) prior mixture (``order=1``).
+
+    Construction: the prior on f(X ∪ X_test) is the :class:`FiniteWidthPrior` law, f | G ~ N(0, G ⊗ I)
+    with G one of 2M positive-definite kernels G_m (E G = K + K^{1}/n, Cov G = V/n).  Bayes' rule on a
+    Gaussian mixture is exact: with G̃_m = G_m,AA + σ²,
+
+        p(f_B | y) = Σ_m w_m N(f_B; G_m,BA G̃_m⁻¹ y, (G_m,BB − G_m,BA G̃_m⁻¹ G_m,AB) ⊗ I),
+        w_m ∝ π_m Π_i N(y_i; 0, G̃_m),      p(y) = Σ_m π_m Π_i N(y_i; 0, G̃_m).
+
+    Since the prior matches the theory's second and fourth cumulants and its higher cumulants are
+    O(1/n²), the posterior mean and covariance and the log evidence agree with the §5.2 formulas
+    (:func:`eft_prob.theory.bayes.nlo_posterior_moments`) to O(1/n²) — including the coupling of
+    different output neurons, which here comes from the spread of the component means.
+
+    Attributes: ``log_evidence`` (log p(y), the mixture's), ``kernel_shift`` (E[Ĝ | y] − E[Ĝ] over
+    X followed by X_test, the O(1/n) "Hebbian" representation change), ``residual`` (of the prior's
+    sigma points), ``regime`` (:class:`eft_prob.criticality.Regime`; None when traced).
+
+    At most 64 distinct inputs in X ∪ X_test (the mixture has ~N² components); use
+    ``form="gaussian"`` beyond.  Above 24 distinct inputs V is the Monte Carlo factored vertex
+    (``samples`` draws per layer), as for :class:`FiniteWidthPrior`.
+    """
+
+    pytree_data_fields = ("log_evidence", "kernel_shift", "residual")
+    MAX_INPUTS = FiniteWidthPrior.MAX_INPUTS
+
+    def __init__(
+        self,
+        spec: MLPSpec,
+        X,
+        y,
+        X_test,
+        noise_var,
+        *,
+        include_noise: bool = False,
+        jitter: float = 1e-10,
+        samples: int = 4096,
+        key=None,
+        validate_args=None,
+    ):
+        from .criticality import check_regime
+        from .theory.bayes import _check_noise, _train_test
+        from .theory.vertex import prior_statistics
+
+        _check_noise(noise_var, X, X_test)
+        if spec.depth < 2:
+            raise ValueError("order=1 needs at least one hidden layer (hidden=[...]); a depth-1 network is Gaussian.")
+        raw = (X, X_test)
+        with precision_scope(spec, X, y, X_test, noise_var):
+            X, y, X_test = _train_test(spec, X, y, X_test)
+            nA, nB = X.shape[0], X_test.shape[0]
+            D = jnp.concatenate([X, X_test])
+            if is_concrete(*raw):  # decided on the caller's values (inside jit, D itself is traced)
+                Dn = np.concatenate([np.asarray(a, np.float64).reshape(-1, spec.input_dim) for a in raw])
+                keep, index = _dedupe(Dn)
+                Du = D[keep]
+            else:
+                index, Du = np.arange(nA + nB), D
+            N = Du.shape[0]
+            if N > self.MAX_INPUTS:
+                raise ValueError(
+                    f"BayesianPosterior(order=1, form='mixture') supports up to {self.MAX_INPUTS} distinct inputs in "
+                    f"X ∪ X_test (its mixture has ~N² components); got {N}. Use form='gaussian' (the O(1/n) mean "
+                    "and covariance) or order=0."
+                )
+            self.regime = check_regime(spec, Du, "BayesianPosterior(order=1)", stacklevel=5)
+            st = prior_statistics(spec, Du, samples=samples, key=key)
+            parts = _posterior_mixture(
+                st.K + st.K1 / st.width, st.V, st.width, index, y, noise_var, include_noise, jitter
+            )
+        self._finish(*parts, validate_args=validate_args)
+
+    @classmethod
+    def from_statistics(cls, G, V, width, y, noise_var, *, include_noise=False, jitter=1e-10, validate_args=None):
+        """The posterior mixture from prior statistics (network-free, as :func:`~eft_prob.theory.bayes.nlo_moments`):
+        G (N, N) = K + K^{1}/n and V (dense or factored) over distinct inputs, the N_A = len(y) training
+        inputs first; ``width`` = n.  ``regime`` is None."""
+        from .theory.bayes import _check_arrays
+
+        G, V, y = _check_arrays(G, V, y, "FiniteWidthPosterior.from_statistics")
+        self = cls.__new__(cls)
+        self.regime = None
+        parts = _posterior_mixture(G, V, width, np.arange(G.shape[0]), y, noise_var, include_noise, jitter)
+        self._finish(*parts, validate_args=validate_args)
+        return self
+
+    def _finish(self, locs, trils, logits, log_evidence, shift, residual, *, validate_args):
+        self.log_evidence, self.kernel_shift = _ambient(log_evidence, shift)
+        self.residual = residual
+        locs, trils, logits = _ambient(locs, trils, logits)
+        MatrixNormalMixture.__init__(self, locs, trils, logits, validate_args=validate_args)
+
+
+_sigma_point_kernels_jit = jax.jit(_sigma_point_kernels, static_argnums=(2, 3))
+
+
+def _posterior_mixture(Kbar, V, n, index, y, noise_var, include_noise, jitter):
+    """Condition the O(1/n) prior mixture over the distinct inputs (kernel Kbar, vertex V, width n) on
+    y at the first N_A entries of ``index`` (the map from X ∪ X_test to the distinct inputs)."""
+    N = Kbar.shape[0]
+    nA, nL = y.shape
+    nB = len(index) - nA
+    if is_concrete(Kbar):
+        _check_kernel(Kbar, n)
+    if isinstance(V, jnp.ndarray):
+        i, j, w = _pair_coordinates(N)
+        Vpair = (V / n)[i, j][:, i, j] * (w[:, None] * w[None, :])
+    else:
+        Vpair = V.pair_matrix() / n
+    kernels, logw, info = _sigma_point_kernels_jit(Kbar, Vpair, N, 40)
+    G = kernels[:, index][:, :, index]  # (C, N_A + N_B, N_A + N_B)
+    Ch = jnp.linalg.cholesky(G[:, :nA, :nA] + noise_var * jnp.eye(nA, dtype=G.dtype))
+    wy = solve_triangular(Ch, jnp.broadcast_to(y, (G.shape[0],) + y.shape), lower=True)
+    alpha = solve_triangular(jnp.swapaxes(Ch, -1, -2), wy, lower=False)  # G̃_m⁻¹ y
+    locs = G[:, nA:, :nA] @ alpha
+    kb = solve_triangular(Ch, G[:, :nA, nA:], lower=True)
+    covs = G[:, nA:, nA:] - jnp.swapaxes(kb, -1, -2) @ kb
+    if include_noise:
+        covs = covs + noise_var * jnp.eye(nB, dtype=G.dtype)
+    half_logdet = jnp.sum(jnp.log(jnp.diagonal(Ch, axis1=-2, axis2=-1)), -1)
+    log_ev = -0.5 * jnp.sum(wy * wy, (-2, -1)) - nL * half_logdet - 0.5 * nA * nL * jnp.log(2 * jnp.pi)
+    logits = logw + log_ev
+    log_evidence = jax.nn.logsumexp(logits)
+    shift = jnp.einsum("k,kab->ab", jax.nn.softmax(logits) - jnp.exp(logw), G)
+    trils = _cholesky(covs, jitter, jnp.mean(jnp.diagonal(Kbar)))
+    return locs, trils, logits - log_evidence, log_evidence, (shift + shift.T) / 2, info["residual"]
+
+
+class CoupledGaussian(Distribution):
+    """f ~ N(loc, Σ) with a full covariance Σ over the flattened event (index α·n_L + i).
+
+    Unlike :class:`KernelGaussian` the output neurons need not be independent and identical: this
+    is the Gaussian that carries the O(1/n) coupling between them.
+
+    :param loc: mean, batch + (N, n_L).
+    :param scale_tril: lower Cholesky factor of Σ, batch + (N·n_L, N·n_L).
+    """
+
+    arg_constraints = {"loc": _matrix, "scale_tril": constraints.lower_cholesky}
+    support = _matrix
+    reparametrized_params = ["loc", "scale_tril"]
+    pytree_data_fields = ("loc", "scale_tril")
+    pytree_aux_fields = ("order",)
+    order = 1
+
+    def __init__(self, loc, scale_tril, *, validate_args=None):
+        loc, scale_tril = jnp.asarray(loc), jnp.asarray(scale_tril)
+        if loc.ndim < 2 or scale_tril.ndim < 2:
+            raise ValueError(
+                f"loc must be (..., N, n_L) and scale_tril (..., N·n_L, N·n_L); got {loc.shape} and {scale_tril.shape}."
+            )
+        M = loc.shape[-2] * loc.shape[-1]
+        if scale_tril.shape[-2:] != (M, M):
+            raise ValueError(
+                f"scale_tril must be (..., {M}, {M}) for loc of shape {loc.shape}, got {scale_tril.shape}."
+            )
+        batch_shape = lax.broadcast_shapes(loc.shape[:-2], scale_tril.shape[:-2])
+        event_shape = loc.shape[-2:]
+        self.loc = jnp.broadcast_to(loc, batch_shape + event_shape)
+        self.scale_tril = jnp.broadcast_to(scale_tril, batch_shape + (M, M))
+        super().__init__(batch_shape=batch_shape, event_shape=event_shape, validate_args=validate_args)
+
+    def sample(self, key, sample_shape=()):
+        shape = sample_shape + self.batch_shape
+        M = self.scale_tril.shape[-1]
+        eps = jax.random.normal(key, shape + (M, 1), dtype=self.loc.dtype)
+        return self.loc + jnp.matmul(self.scale_tril, eps).reshape(shape + self.event_shape)
+
+    @validate_sample
+    def log_prob(self, value):
+        M = self.scale_tril.shape[-1]
+        diff = (value - self.loc).reshape(jnp.shape(value - self.loc)[:-2] + (M, 1))
+        L = jnp.broadcast_to(self.scale_tril, diff.shape[:-2] + (M, M))
+        w = solve_triangular(L, diff, lower=True)[..., 0]
+        half_logdet = jnp.sum(jnp.log(jnp.diagonal(self.scale_tril, axis1=-2, axis2=-1)), -1)
+        return -0.5 * jnp.sum(w * w, -1) - half_logdet - 0.5 * M * jnp.log(2 * jnp.pi)
+
+    def entropy(self):
+        M = self.scale_tril.shape[-1]
+        half_logdet = jnp.sum(jnp.log(jnp.diagonal(self.scale_tril, axis1=-2, axis2=-1)), -1)
+        return 0.5 * M * (1.0 + jnp.log(2 * jnp.pi)) + half_logdet
+
+    @property
+    def mean(self):
+        return self.loc
+
+    @lazy_property
+    def covariance_matrix(self):
+        return jnp.matmul(self.scale_tril, jnp.swapaxes(self.scale_tril, -1, -2))
+
+    @property
+    def variance(self):
+        d = jnp.diagonal(self.covariance_matrix, axis1=-2, axis2=-1)
+        return d.reshape(self.batch_shape + self.event_shape)
+
+
+class MomentMatchedPosterior(CoupledGaussian):
+    """The Gaussian with the O(1/n) posterior mean and covariance (``BayesianPosterior(order=1, form="gaussian")``).
+
+    Mean and covariance are the §5.2 formulas (:func:`eft_prob.theory.bayes.nlo_posterior_moments`),
+    exact to O(1/n²), including the coupling of output neurons.  The posterior's fourth cumulant,
+    itself O(1/n), is dropped: as a density this is a moment-matched approximation, not the O(1/n)
+    law (:class:`FiniteWidthPosterior` is, where it fits).  It scales to hundreds of inputs: the
+    vertex contractions use the factored V above 24 inputs and nothing of size N⁴ is formed.
+
+    Attributes: ``log_evidence`` (the O(1/n) formula).  Above 24 inputs the V terms carry the Monte
+    Carlo error of the factored vertex (an :class:`~eft_prob.ApproximationWarning` when it exceeds
+    25% of them; the standard errors are in :func:`~eft_prob.theory.bayes.nlo_posterior_moments`).
+    A covariance that the O(1/n) term pushed below zero (far outside the 1/n regime, or test points
+    at training points with tiny noise) is clipped to the nearest PSD matrix with a
+    :class:`~eft_prob.RegularizationWarning`.
+    """
+
+    pytree_data_fields = ("log_evidence",)
+
+    def __init__(
+        self,
+        spec: MLPSpec,
+        X,
+        y,
+        X_test,
+        noise_var,
+        *,
+        include_noise: bool = False,
+        jitter: float = 1e-10,
+        samples: int = 4096,
+        key=None,
+        validate_args=None,
+    ):
+        from ._validate import check_psd
+        from .theory.bayes import nlo_posterior_moments
+
+        with precision_scope(spec, X, y, X_test, noise_var):
+            r = nlo_posterior_moments(spec, X, y, X_test, noise_var, samples=samples, key=key)
+            cov = r.covariance
+            if include_noise:
+                cov = cov + noise_var * jnp.eye(cov.shape[0], dtype=cov.dtype)
+            cov = check_psd(cov, "BayesianPosterior(order=1, form='gaussian') covariance")
+            tril = _cholesky(cov, jitter, jnp.mean(jnp.diagonal(r.gp_covariance)) + noise_var)
+        self.log_evidence = _ambient(r.log_evidence)[0]
+        loc, tril = _ambient(r.mean, tril)
+        super().__init__(loc, tril, validate_args=validate_args)
+
+
+def _finite_width_posterior(spec, X, y, X_test, noise_var, *, form=None, **kwargs):
+    """BayesianPosterior(order=1): the mixture where it fits, else the moment-matched Gaussian."""
+    if form not in (None, "mixture", "gaussian"):
+        raise ValueError(f"form must be None, 'mixture' or 'gaussian', got {form!r}.")
+    if form is None:
+        D = [check_inputs(spec, a, name) for a, name in ((X, "X"), (X_test, "X_test"))]
+        if is_concrete(X, X_test):
+            N = _dedupe(np.concatenate([np.asarray(a, np.float64).reshape(-1, spec.input_dim) for a in (X, X_test)]))
+            N = N[0].size
+        else:
+            N = D[0].shape[0] + D[1].shape[0]
+        form = "mixture" if N <= FiniteWidthPosterior.MAX_INPUTS else "gaussian"
+        if form == "gaussian":
+            warnings.warn(
+                f"BayesianPosterior(order=1): {N} distinct inputs exceed the {FiniteWidthPosterior.MAX_INPUTS} of the "
+                "exact O(1/n) mixture, so a Gaussian with the O(1/n) mean and covariance is returned; the "
+                "posterior's O(1/n) fourth cumulant (its non-Gaussian shape) is dropped. Pass form='gaussian' to "
+                "choose this explicitly.",
+                ApproximationWarning,
+                stacklevel=3,
+            )
+    cls = FiniteWidthPosterior if form == "mixture" else MomentMatchedPosterior
+    return cls(spec, X, y, X_test, noise_var, **kwargs)

@@ -130,8 +130,8 @@ def test_order_dispatch_and_bad_order():
     assert isinstance(NetworkPrior(SPEC, X, order=1), FiniteWidthPrior)
     relu = ep.MLPSpec.at_criticality(2, (16, 16), 1, "relu")
     assert isinstance(NetworkPrior(relu, X[:1], order="exact"), ExactNetworkPrior)
-    with pytest.raises(NotImplementedError, match="order=0"):
-        BayesianPosterior(SPEC, X, Y, XT, 0.1, order=1)
+    with pytest.raises(ValueError, match="form must be"):  # order=1 goes to the finite-width posterior
+        BayesianPosterior(SPEC, X, Y, XT, 0.1, order=1, form="bogus")
     with pytest.raises(NotImplementedError):
         TrainedNetwork(SPEC, X, Y, XT, order=1)
     for bad in (2, -1, 0.5, True, "one"):

@@ -1,6 +1,6 @@
 """Analytic results of the effective theory, as pure functions of (spec, X) (float64)."""
 
-from .bayes import gp_posterior, log_evidence
+from .bayes import NLOMoments, gp_posterior, log_evidence, nlo_posterior_moments, posterior_kernel_shift
 from .kernels import Kernels, kernels, nngp, ntk, output_kernels
 from .training import gd_prediction
 from .vertex import FactoredVertex, PriorStatistics, four_point_vertex, nlo_kernel, prior_statistics
@@ -8,6 +8,7 @@ from .vertex import FactoredVertex, PriorStatistics, four_point_vertex, nlo_kern
 __all__ = [
     "FactoredVertex",
     "Kernels",
+    "NLOMoments",
     "PriorStatistics",
     "four_point_vertex",
     "gd_prediction",
@@ -15,8 +16,10 @@ __all__ = [
     "kernels",
     "log_evidence",
     "nlo_kernel",
+    "nlo_posterior_moments",
     "nngp",
     "ntk",
     "output_kernels",
+    "posterior_kernel_shift",
     "prior_statistics",
 ]

@@ -45,8 +45,8 @@ def test_log_evidence_matches_scipy_and_network_prior_likelihood():
     assert float(ep.theory.log_evidence(SPEC, X, Y, s2)) == pytest.approx(ref, rel=1e-10)
     # NetworkPrior adds its relative 1e-10 diagonal jitter, hence rel 1e-8 here
     assert float(NetworkPrior(SPEC, X, noise_var=s2).log_prob(Y)) == pytest.approx(ref, rel=1e-8)
-    with pytest.raises(NotImplementedError, match="order=0"):
-        ep.theory.log_evidence(SPEC, X, Y, s2, order=1)
+    with pytest.raises(ValueError, match="order must be 0"):  # order=1: tests/theory/test_bayes_nlo.py
+        ep.theory.log_evidence(SPEC, X, Y, s2, order=2)
     g = jax.grad(lambda c: ep.theory.log_evidence(SPEC.replace(C_W=c), X, Y, s2))(2.0)
     assert np.isfinite(float(g))
 
