@@ -561,16 +561,27 @@ def _check_activation(act, derivatives: bool):
         )
 
 
-def _stack(spec: MLPSpec, X, *, derivatives: bool, all_layers: bool, nodes, restrict=None):
+def _width_ratios(spec: MLPSpec, dtype=jnp.float64):
+    """(r_1, ..., r_{L-1}), r_ℓ = n_ℓ/n_{ℓ-1}: the only way hidden widths enter the recursions."""
+    w = spec.widths
+    return jnp.asarray([w[l] / w[l - 1] for l in range(1, spec.depth)], dtype)
+
+
+def _canonical(spec: MLPSpec) -> MLPSpec:
+    """The spec with unit hidden widths and one output: same statistics given the width ratios, so one
+    compilation serves every width and output dimension."""
+    return spec.replace(hidden=(1,) * len(spec.hidden), output_dim=1)
+
+
+def _stack(spec: MLPSpec, X, ratios, *, derivatives: bool, all_layers: bool, nodes, restrict=None):
+    """Run every recursion; ``ratios`` = _width_ratios of the actual spec (``spec`` may be canonical)."""
     act = spec.activation
     K1, T1 = _first_layer(spec, X)
     st = _zeros_state(K1, T1, derivatives)
     if spec.depth == 1:
         return jax.tree_util.tree_map(lambda a: a[None], st) if all_layers else st
-    w = spec.widths
-    ratios = jnp.asarray([w[l] / w[l - 1] for l in range(1, spec.depth)], K1.dtype)
     names = ("C_b", "C_W", "lambda_b", "lambda_W")
-    hyper = (*(spec.layer_values(k, K1.dtype)[1:] for k in names), ratios)
+    hyper = (*(spec.layer_values(k, K1.dtype)[1:] for k in names), jnp.asarray(ratios, K1.dtype))
 
     def step(carry, h):
         nxt = _layer_step(act, carry, h, derivatives, dict(nodes), restrict)
@@ -647,6 +658,10 @@ def ntk_statistics(spec: MLPSpec, X, *, all_layers: bool = False, derivatives: b
     _check_activation(act, bool(derivatives))
     nodes = tuple(sorted(_NODES[act.kinked].items()))
     kw = dict(derivatives=bool(derivatives), all_layers=bool(all_layers), nodes=nodes)
-    st = _stack_jit(spec, X, **kw) if is_concrete(spec, X) else _stack(spec, X, **kw)
+    ratios = _width_ratios(spec, X.dtype)
+    if is_concrete(spec, X):
+        st = _stack_jit(_canonical(spec), X, ratios, **kw)
+    else:
+        st = _stack(spec, X, ratios, **kw)
     width = spec.widths[-2] if spec.depth > 1 else spec.widths[0]
     return NTKStatistics(**{k: st.get(k) for k in _STATS}, width=width)

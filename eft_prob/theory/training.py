@@ -16,10 +16,21 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .._config import StabilityWarning, float64_theory, is_concrete
+from .._validate import check_inputs
 
-__all__ = ["GaussianPrediction", "gd_moments", "gd_prediction", "stability_bound"]
+__all__ = [
+    "GaussianPrediction",
+    "NLOTrainedCoefficients",
+    "TrainedMoments",
+    "gd_moments",
+    "gd_prediction",
+    "nlo_trained_coefficients",
+    "nlo_trained_moments",
+    "stability_bound",
+]
 
 
 class GaussianPrediction(NamedTuple):
@@ -92,3 +103,338 @@ def gd_prediction(spec, X, y, X_test, learning_rate=None, steps=None) -> Gaussia
 
     b = train_test_blocks(spec, X, y, X_test)
     return gd_moments(b.K_AA, b.K_AB, b.K_BB, b.T_AA, b.T_BA, b.y, learning_rate, steps)
+
+
+# --------------------------------------------------------------------------------------------
+# Order 1/n: mean and covariance of networks trained by full-batch GD (book ch. ∞; THEORY.md §9.5).
+#
+# Composite indices b = (δ, i) (flattened δ·n_L + i) over D = A ∪ B, a over A.  One GD step, Taylor
+# expanded in the parameter change (§1.4, §9.1), with ε = z_A − y:
+#
+#   z(t+1)  = z − η Ĥ_{·A} ε + (η²/2) dĤ_{·AA} εε − (η³/6) ddĤ_I εεε,
+#   Ĥ(t+1)  = Ĥ − η (dĤ_{b1b2a} + dĤ_{b2b1a}) ε_a + (η²/2)(ddĤ_I{b1b2··} + ddĤ_I{b2b1··} + 2 ddĤ_II{b1b2··}) εε,
+#   dĤ(t+1) = dĤ − η (ddĤ_I{b0b1b2a} + ddĤ_II{b0b1b2a} + ddĤ_II{b0b2b1a}) ε_a,
+#
+# exact to O(1/n) because ΔĤ ~ n^{-1/2}, dĤ ~ n^{-1} (with O(1) correlation to z), ddĤ = its mean
+# + O(n^{-3/2}), higher derivatives O(n^{-2}).  Expanding z(T) = z⁰ + z^h + x around the
+# infinite-width dynamics (NTK Θ, M = 1 − ηΘ̃): z⁰ is the linear-model solution, z^h (linear in ΔĤ,
+# O(n^{-1/2})) and x (O(1/n)) are responses of the linear dynamics to sources; a source s(u) at step
+# u reaches step T as Σ_u [s(u) − Θ_{·A}Θ̃⁻¹(1 − M^{T−1−u}) s_A(u)].  In the eigenbasis Θ̃ = U Λ Uᵀ
+# (ε̂ = Uᵀε, m = 1 − ηλ) every source is a polynomial in ε̂(0) times geometric time sums ("weights"
+# below; at T = ∞ the sheet's algorithm projectors).  Moments follow from Wick's rule with at
+# most one 1/n cumulant per term: E[ΔĤΔĤ] = 𝒜/n, E[ΔĤ zz] = 𝒟/n, E[dĤ z] = 𝒫/n, E[ddĤ] = (ℐ, 𝒥)/n
+# (the composite forms of A, B; D, F; P, Q; R; S, T, U); the connected parts of ⟨ΔĤΔĤzz⟩,
+# ⟨dĤzzz⟩ and ⟨ddĤzz⟩ are O(1/n²).  The mean reproduces THEORY.md §9.5 (boxed) term by term; the
+# covariance and the finite-step versions are new (derived here, checked against a Monte Carlo of
+# the expanded dynamics and against trained ensembles in the tests).
+
+
+class TrainedMoments(NamedTuple):
+    """Mean (N_B, n_L) and covariance (N_B·n_L, N_B·n_L) of the trained outputs on the test inputs.
+
+    The covariance is over the flattened test event f.reshape(-1) (index β·n_L + i): at O(1/n)
+    different output neurons are correlated.
+    """
+
+    mean: jax.Array
+    cov: jax.Array
+
+
+class NLOTrainedCoefficients(NamedTuple):
+    """Trained-output moments as mean0 + mean1/n and cov0 + cov1/n, n = ``width`` = n_{L-1}.
+
+    ``mean0``, ``cov0`` are the infinite-width values of :func:`gd_moments` (cov0 = cov ⊗ 1_{n_L}
+    in the flattened index β·n_L + i); ``mean1`` (N_B, n_L) and ``cov1`` (N_B·n_L, N_B·n_L) the
+    coefficients of 1/n.
+    """
+
+    mean0: jax.Array
+    cov0: jax.Array
+    mean1: jax.Array
+    cov1: jax.Array
+    width: int
+
+    def at(self, width: float | None = None) -> TrainedMoments:
+        """The moments at width n (default: the spec's n_{L-1}), truncated at O(1/n)."""
+        n = self.width if width is None else width
+        cov = self.cov0 + self.cov1 / n
+        return TrainedMoments(self.mean0 + self.mean1 / n, (cov + cov.T) / 2)
+
+
+_PAIRINGS = {"01|23": "abcd,ij,kl->aibjckdl", "02|13": "abcd,ik,jl->aibjckdl", "03|12": "abcd,il,jk->aibjckdl"}
+
+
+def _composite(X, pattern, nL):
+    """Sample tensor X[δ1..δ4] times the neuron deltas of ``pattern`` -> (N n_L,)*4 (index δ·n_L + i)."""
+    eye = jnp.eye(nL, dtype=X.dtype)
+    return jnp.einsum(_PAIRINGS[pattern], X, eye, eye).reshape((X.shape[0] * nL,) * 4)
+
+
+def _composite_statistics(st, nL):
+    """𝒜 = nE[ΔĤΔĤ], 𝒟 = nE[ΔĤzz], 𝒫 = nE[dĤ z], ℐ = nE[ddĤ_I], 𝒥 = nE[ddĤ_II] in composite indices."""
+    t = jnp.transpose
+    c = lambda X, p: _composite(X, p, nL)
+    A = c(st.A, "01|23") + c(t(st.B, (0, 2, 1, 3)), "02|13") + c(t(st.B, (0, 2, 3, 1)), "03|12")
+    D = c(st.D, "01|23") + c(t(st.F, (0, 2, 1, 3)), "02|13") + c(t(st.F, (0, 2, 3, 1)), "03|12")
+    P = c(st.P, "03|12") + c(st.Q, "01|23") + c(t(st.Q, (0, 2, 1, 3)), "02|13")
+    I = c(st.R, "01|23") + c(t(st.R, (0, 3, 1, 2)), "02|13") + c(t(st.R, (0, 2, 3, 1)), "03|12")
+    J = c(st.S, "01|23") + c(t(st.T, (0, 3, 1, 2)), "02|13") + c(t(st.U, (0, 2, 3, 1)), "03|12")
+    return A, D, P, I, J
+
+
+def _time_weights(lam, eta, steps):
+    """Geometric time sums in the eigenbasis of Θ̃ (eigenvalues ``lam``), as (total, residual) pairs.
+
+    With m = 1 − ηλ and e_p(t) = m_p^t, the total of a family is Σ_{t<T} f(t) and its residual
+    Σ_{t<T} m_o^{T−1−t} f(t) (extra leading index o), where f(t) is
+      h:   η e_p                     s1:  η² Σ_{v<t} m_o^{t−1−v} e_p(v)
+      ts:  η² e_p Σ_{s<t} e_q(s)     tt:  η² e_p e_q
+      ttt: η³ e_p e_q e_r            tss: η³ e_p Σ_{s<t} e_q e_r(s)
+      ttr: η³ e_p e_q Σ_{s<t} e_r(s) tsr: η³ e_p Σ_{s<t} e_q(s) Σ_{r<s} e_r(r).
+    ``steps=None``: T = ∞ in closed form (residuals vanish); η = 0 is gradient flow (the limit
+    η → 0 at fixed ηT).
+    """
+    l = lam
+    if steps is None:
+        m = 1.0 - eta * l
+        lp, lq, lr = l[:, None, None], l[None, :, None], l[None, None, :]
+        mp, mq = m[:, None, None], m[None, :, None]
+        D2 = l[:, None] + l[None, :] - eta * l[:, None] * l[None, :]  # (1 − m_p m_q)/η
+        D3 = lp + lq + lr - eta * (lp * lq + lp * lr + lq * lr) + eta**2 * lp * lq * lr
+        D2_ = D2[:, :, None]
+        w = {
+            "h": 1.0 / l,
+            "s1": 1.0 / (l[:, None] * l[None, :]),
+            "ts": m[:, None] / (l[:, None] * D2),
+            "tt": eta / D2,
+            "ttt": eta**2 / D3,
+            "tss": eta * mp / (lp * D3),
+            "ttr": eta * mp * mq / (D2_ * D3),
+            "tsr": mp**2 * mq / (lp * D2_ * D3),
+        }
+        return {k: (v, None) for k, v in w.items()}
+
+    m = 1.0 - eta * l
+    P = l.shape[0]
+    o2, o3, o4 = (m.reshape((-1,) + (1,) * k) for k in (1, 2, 3))  # m_o broadcast over k more axes
+    shapes = {"h": 1, "s1": 2, "ts": 2, "tt": 2, "ttt": 3, "tss": 3, "ttr": 3, "tsr": 3}
+    mo = {1: o2, 2: o3, 3: o4}
+
+    def step(carry, _):
+        e, c1, css, csr, cs1, tot, res = carry
+        ep, eq, er = e[:, None, None], e[None, :, None], e[None, None, :]
+        inner = {
+            "h": eta * e,
+            "s1": eta**2 * cs1,
+            "ts": eta**2 * e[:, None] * c1[None, :],
+            "tt": eta**2 * e[:, None] * e[None, :],
+            "ttt": eta**3 * ep * eq * er,
+            "tss": eta**3 * ep * css[None],
+            "ttr": eta**3 * ep * eq * c1[None, None, :],
+            "tsr": eta**3 * ep * csr[None],
+        }
+        tot = {k: tot[k] + inner[k] for k in tot}
+        res = {k: mo[shapes[k]] * res[k] + inner[k][None] for k in res}
+        csr = csr + e[:, None] * c1[None, :]
+        c1 = c1 + e
+        css = css + e[:, None] * e[None, :]
+        cs1 = m[:, None] * cs1 + e[None, :]
+        return (m * e, c1, css, csr, cs1, tot, res), None
+
+    z = lambda k: jnp.zeros((P,) * k, l.dtype)
+    tot0 = {k: z(v) for k, v in shapes.items()}
+    res0 = {k: z(v + 1) for k, v in shapes.items()}
+    init = (jnp.ones_like(l), z(1), z(2), z(2), z(2), tot0, res0)
+    (_, _, _, _, _, tot, res), _ = jax.lax.scan(step, init, None, length=steps)
+    return {k: (tot[k], res[k]) for k in shapes}
+
+
+def _rot(T, axes, Uf):
+    """Contract the given axes of T with Uf (D×A embedding of the eigenvectors of Θ̃), in place."""
+    for ax in axes:
+        T = jnp.moveaxis(jnp.tensordot(T, Uf, axes=([ax], [0])), -1, ax)
+    return T
+
+
+def _nlo_coefficients(st, nA, y, eta, steps):
+    """(mean1 (N n_L,), cov1 (N n_L, N n_L)) over all of D, coefficients of 1/n (see the notes above)."""
+    N = st.K.shape[0]
+    nL = y.shape[1]
+    nAc, nD = nA * nL, N * nL
+    eye = jnp.eye(nL, dtype=st.K.dtype)
+    Th, Kc = jnp.kron(st.Theta, eye), jnp.kron(st.K, eye)
+    lam, U = jnp.linalg.eigh(Th[:nAc, :nAc])
+    Uf = jnp.zeros((nD, nAc), Th.dtype).at[:nAc].set(U)
+    Psi = Th[:, :nAc] @ U / lam  # Θ_{·A} Θ̃⁻¹ in the eigenbasis
+    Pi = jnp.eye(nD, dtype=Th.dtype) - Psi @ Uf.T  # δ − Θ_{·A} Θ̃⁻¹ (zero on the B columns)
+    if steps is None:
+        L0 = Pi
+    else:
+        L0 = jnp.eye(nD, dtype=Th.dtype) - (Psi * (1.0 - (1.0 - eta * lam) ** steps)) @ Uf.T
+    yv = jnp.zeros(nD, Th.dtype).at[:nAc].set(y.reshape(-1))
+    yh = Uf.T @ yv  # ŷ;  E[ε̂] = −ŷ
+    kh, kc = Uf.T @ Kc @ Uf, Kc @ Uf  # E[ε̂ε̂] − ŷŷ, E[z_c ε̂]
+    S2 = kh + jnp.outer(yh, yh)  # E[ε̂ ε̂ᵀ]
+    G3 = (
+        yh[:, None, None] * yh[None, :, None] * yh[None, None, :]
+        + yh[:, None, None] * kh[None]
+        + yh[None, :, None] * kh[:, None, :]
+        + yh[None, None, :] * kh[:, :, None]
+    )  # −E[ε̂ε̂ε̂]
+    A, D, P, I, J = _composite_statistics(st, nL)
+    W = _time_weights(lam, eta, steps)
+
+    def propagate(src, key):
+        """Σ_u [s(u) − Θ_{·A}Θ̃⁻¹(1 − M^{T−1−u}) s_A(u)] for a source src[x, *eig, *extra] weighted by W[key]."""
+        w, wr = W[key]
+        k = w.ndim
+        shp = src.shape
+        s = src.reshape(nD, w.size, -1)
+        out = Pi @ jnp.einsum("bex,e->bx", s, w.reshape(-1))
+        if wr is not None:
+            sA = jnp.einsum("bo,bex->oex", Uf, s)
+            out = out + Psi @ jnp.einsum("oex,oe->ox", sA, wr.reshape(nAc, -1))
+        return out.reshape((nD,) + shp[1 + k :])
+
+    diag = lambda T, spec: jnp.einsum(spec, T)
+    # ΔNTK: z^h = −Σ G^h ΔĤ_{xp} ε̂_p (mean 0);  x^{s1} = Σ G^{s1} ΔĤ_{xo} ΔĤ_{op} ε̂_p.
+    A3 = diag(_rot(A, (1, 2, 3), Uf), "xoop->xop")
+    mean = propagate(-A3 * yh, "s1")
+    cov_0s1 = propagate(A3[..., None] * kc.T[None, None], "s1")  # [b', c] = n E[z_c x^{s1}_{b'}]
+    D13 = diag(_rot(D, (1, 3), Uf), "xpcp->xpc")
+    cov_0h = -propagate(D13, "h")  # [b', c] = n E[z_c z^h_{b'}]
+    A13 = _rot(A, (1, 3), Uf)  # [x, p, x', q]
+    Y1 = propagate(A13 * S2[None, :, None, :], "h")  # [b, x', q]
+    cov_hh = propagate(jnp.transpose(Y1, (1, 2, 0)), "h")  # [b', b] = n E[z^h_b z^h_b']
+
+    # dNTK: (dĤ_{x a1 a} + dĤ_{a1 x a}) E2ts_{a1 a} + ½ dĤ_{x a a'} E2tt_{a a'}.
+    P1 = _rot(P, (1, 2, 3), Uf)
+    P2 = jnp.transpose(_rot(P, (0, 2, 3), Uf), (1, 0, 2, 3))
+    P1c = _rot(P, (1, 2), Uf)  # last slot c in D
+    P2c = jnp.transpose(_rot(P, (0, 2), Uf), (1, 0, 2, 3))
+    for key, Pr, Prc, f in (("ts", P1 + P2, P1c + P2c, 1.0), ("tt", P1, P1c, 0.5)):
+        Pp = diag(Pr, "xpqp->xpq")  # 𝒫̂_{xpq r=p}
+        Pq = diag(Pr, "xpqq->xpq")
+        mean = mean - f * propagate(Pp * yh[None, None, :] + yh[None, :, None] * Pq, key)
+        src = Prc * S2[None, :, :, None] + Pp[..., None] * kc.T[None, None] + Pq[..., None] * kc.T[None, :, None]
+        cov_0s1 = cov_0s1 + f * propagate(src, key)
+
+    # ddNTK: −(1/n)[(𝒥'_{x··· } + 𝒥'_{·x··}) E3tsr + ½𝒮 E3tss + ½𝒥' E3ttr + ⅙ℐ E3ttt].
+    Jp = I + J + jnp.transpose(J, (0, 2, 1, 3))  # 𝒥'_{b0b1b2c}
+    Sm = I + jnp.transpose(I, (1, 0, 2, 3)) + 2 * J  # 𝒮_{b1b2aa'}
+    Jp1 = _rot(Jp, (1, 2, 3), Uf)
+    Jp2 = jnp.transpose(_rot(Jp, (0, 2, 3), Uf), (1, 0, 2, 3))
+    terms = {
+        "tsr": Jp1 + Jp2,
+        "tss": 0.5 * _rot(Sm, (1, 2, 3), Uf),
+        "ttr": 0.5 * Jp1,
+        "ttt": _rot(I, (1, 2, 3), Uf) / 6.0,
+    }
+    Ez3 = (
+        kc.T[:, None, None, :] * S2[None, :, :, None]
+        + kc.T[None, :, None, :] * S2[:, None, :, None]
+        + kc.T[None, None, :, :] * S2[:, :, None, None]
+    )  # [p, q, r, c] = E[z_c ε̂_p ε̂_q ε̂_r]
+    for key, Tm in terms.items():
+        mean = mean + propagate(Tm * G3[None], key)  # −T · E[ε̂ε̂ε̂]
+        cov_0s1 = cov_0s1 - propagate(Tm[..., None] * Ez3[None], key)
+
+    cross = L0 @ (cov_0s1 + cov_0h).T  # [b, b'] = n E[(z⁰ − E z⁰)_b x_b']
+    cov = cross + cross.T + cov_hh
+    return mean, (cov + cov.T) / 2
+
+
+def _check_nlo_args(learning_rate, steps):
+    if steps is not None:
+        if learning_rate is None:
+            raise ValueError("learning_rate is required when steps is finite.")
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
+            raise ValueError(f"steps must be a non-negative integer or None (converged), got {steps!r}.")
+        steps = int(steps)
+    if learning_rate is not None and is_concrete(learning_rate):
+        lr = float(learning_rate)
+        if not np.isfinite(lr) or lr <= 0:
+            raise ValueError(
+                f"learning_rate must be a finite number > 0 (or None for gradient flow), got {learning_rate!r}."
+            )
+    return steps
+
+
+def _nlo_parts(st, y, learning_rate, *, nA, steps):
+    """(mean0, cov0, mean1, cov1) on the test inputs from the statistics ``st`` on A ∪ B."""
+    blocks = lambda K, T: (K[:nA, :nA], K[:nA, nA:], K[nA:, nA:], T[:nA, :nA], T[nA:, :nA])
+    g = lambda K, T: tuple(gd_moments(*blocks(K, T), y, learning_rate, steps))
+    (m0, c0), (mK, cK) = jax.jvp(g, (st.K, st.Theta), (st.K1, st.H1))
+    eta = 0.0 if learning_rate is None else learning_rate
+    mean1, cov1 = _nlo_coefficients(st, nA, y, eta, steps)
+    nL = y.shape[1]
+    eye = jnp.eye(nL, dtype=c0.dtype)
+    mean1 = mK + mean1[nA * nL :].reshape(-1, nL)
+    cov1 = jnp.kron(cK, eye) + cov1[nA * nL :, nA * nL :]
+    return m0, jnp.kron(c0, eye), mean1, (cov1 + cov1.T) / 2
+
+
+_nlo_parts_jit = jax.jit(_nlo_parts, static_argnames=("nA", "steps"))
+
+
+def _trained_statistics(spec, X_all, nA):
+    """NTK statistics on A ∪ B, only the entries the trained moments use (<= 2 test indices, and
+    <= 1 for R, S, T, U: see ntk_stats._table_layout)."""
+    from .ntk_stats import _NODES, _STATS, NTKStatistics, _canonical, _stack, _stack_jit, _width_ratios
+
+    kw = dict(derivatives=True, all_layers=False, nodes=tuple(sorted(_NODES[False].items())), restrict=(nA, (3, 3, 2)))
+    ratios = _width_ratios(spec, X_all.dtype)
+    if is_concrete(spec, X_all):
+        raw = _stack_jit(_canonical(spec), X_all, ratios, **kw)
+    else:
+        raw = _stack(spec, X_all, ratios, **kw)
+    return NTKStatistics(**{k: raw[k] for k in _STATS}, width=spec.widths[-2])
+
+
+@float64_theory
+def nlo_trained_coefficients(spec, X, y, X_test, learning_rate=None, steps=None) -> NLOTrainedCoefficients:
+    """Mean and covariance of trained outputs to O(1/n), as order-0 values plus 1/n coefficients.
+
+    Full-batch GD on L = ½Σ(z − y)² with the λ-scaled learning rates (``eft_prob.nn.learning_rates``)
+    and global step ``learning_rate`` = η, for ``steps`` steps or to convergence (``steps=None``).
+    At O(1/n) the converged network depends on η ("algorithm dependence" through the dNTK and
+    ddNTKs); ``learning_rate=None`` (with ``steps=None``) means gradient flow, η → 0.  The order-0
+    parts equal :func:`gd_moments`.  Needs a smooth activation (the dNTK/ddNTK statistics of
+    :func:`eft_prob.theory.ntk_stats.ntk_statistics`).
+
+    Returns
+    -------
+    NLOTrainedCoefficients
+        ``mean0 + mean1/n``, ``cov0 + cov1/n`` (use ``.at()``); covariance over the flattened test
+        event (index β·n_L + i).
+    """
+    from .kernels import train_test_blocks
+    from .ntk_stats import _check_activation
+
+    steps = _check_nlo_args(learning_rate, steps)
+    if spec.depth < 2:
+        raise ValueError(
+            "the O(1/n) trained moments need a hidden layer (spec.hidden is empty): a linear model has none."
+        )
+    _check_activation(spec.activation, True)
+    b = train_test_blocks(spec, X, y, X_test)
+    nA = b.y.shape[0]
+    X_all = jnp.concatenate([check_inputs(spec, X, "X"), check_inputs(spec, X_test, "X_test")])
+    if learning_rate is not None and is_concrete(spec, X_all, learning_rate):
+        lam_max = float(jnp.linalg.eigvalsh(b.T_AA)[-1])
+        if float(learning_rate) * lam_max >= 2.0:
+            raise ValueError(
+                f"learning_rate={float(learning_rate):.4g} is at or above the GD stability bound 2/λ_max(Θ̃) = "
+                f"{2 / lam_max:.4g}: gradient descent diverges and has no trained distribution."
+            )
+    st = _trained_statistics(spec, X_all, nA)
+    fn = _nlo_parts_jit if is_concrete(spec, X_all, b.y, learning_rate) else _nlo_parts
+    m0, c0, m1, c1 = fn(st, b.y, learning_rate, nA=nA, steps=steps)
+    return NLOTrainedCoefficients(m0, c0, m1, c1, spec.widths[-2])
+
+
+def nlo_trained_moments(spec, X, y, X_test, learning_rate=None, steps=None) -> TrainedMoments:
+    """Mean (N_test, n_L) and covariance (N_test·n_L, N_test·n_L) of GD-trained outputs at the
+    spec's width, to O(1/n) (see :func:`nlo_trained_coefficients` for the parts and the arguments).
+    """
+    return nlo_trained_coefficients(spec, X, y, X_test, learning_rate, steps).at()

@@ -152,3 +152,89 @@ def ntk_statistics_mc(spec, X, n_networks, key, *, derivatives=False, chunk=500)
         if k in S:
             res[k] = (n * mean(S[k]), n * se(S[k]))
     return res
+
+
+# --------------------------------------------------------------------------------------------
+# Ensembles of networks trained by full-batch gradient descent.
+
+
+def trained_ensemble(spec, XA, YA, XB, learning_rate, steps, n_networks, key, *, chunk=256):
+    """Train ``n_networks`` prior draws by full-batch GD on ½Σ(f(XA) − YA)² (λ-scaled rates, THEORY.md §1.3).
+
+    Returns a dict of numpy arrays over networks: ``f0`` (M, N, n_L) outputs at init on X = XA ∪ XB,
+    ``fT`` (M, N_B, n_L) trained test outputs, ``H0`` (M, n_L, n_L, N, N) empirical NTK at init,
+    ``G0`` (M, N, N) output-layer metric at init (E[z_i z_i | layers < L]), ``loss`` (M,) final loss.
+    """
+    X = jnp.concatenate([jnp.asarray(XA, jnp.float64), jnp.asarray(XB, jnp.float64)])
+    XA, YA = jnp.asarray(XA, jnp.float64), jnp.asarray(YA, jnp.float64)
+    nA = XA.shape[0]
+    lr = nn.learning_rates(spec, jnp.float64)
+    C_b, C_W = (spec.layer_values(k, jnp.float64)[-1] for k in ("C_b", "C_W"))
+
+    def loss_fn(p):
+        r = nn.apply(spec, p, XA) - YA
+        return 0.5 * jnp.sum(r * r)
+
+    def step(p, _):
+        g = jax.grad(loss_fn)(p)
+        return jax.tree_util.tree_map(lambda a, ga, la: a - learning_rate * la * ga, p, g, lr), None
+
+    def one(k):
+        p0 = nn.init(spec, k, jnp.float64)
+        zs = nn.preactivations(spec, p0, X)
+        s = spec.activation.fn(zs[-2])
+        p, _ = jax.lax.scan(step, p0, None, length=steps)
+        return {
+            "f0": zs[-1],
+            "fT": nn.apply(spec, p, X[nA:]),
+            "H0": nn.empirical_ntk(spec, p0, X),
+            "G0": C_b + C_W * (s @ s.T) / s.shape[-1],
+            "loss": loss_fn(p),
+        }
+
+    f = jax.jit(jax.vmap(one))
+    keys = jax.random.split(key, n_networks)
+    parts = [f(keys[c : c + chunk]) for c in range(0, n_networks, chunk)]
+    return {k: np.concatenate([np.asarray(o[k]) for o in parts]) for k in parts[0]}
+
+
+def trained_moment_estimates(ens, K, Theta, nA, YA):
+    """Control-variate estimates of n-independent quantities E[f_T] and Cov[f_T] (flattened β·n_L + i).
+
+    With L = [−Θ_BA Θ̃⁻¹, 1] (per neuron) the infinite-width linearized prediction of each network from
+    its own init is g1 = L z(0) (E g1 = 0 exactly), and its first-order NTK response is
+    h = −(ΔĤ_BA − Θ_BA Θ̃⁻¹ ΔĤ_AA) Θ̃⁻¹ (z_A(0) − y), ΔĤ = Ĥ(0) − (ensemble mean), with E h = 0 by the
+    W^(L) → −W^(L) symmetry.  E[f] is estimated by the mean of f − g1 − h.  For the covariance,
+    Cov(f) = L E[z zᵀ] Lᵀ + [Cov(f) − Cov(g1)], the first term with E[z zᵀ] from the Rao–Blackwellized
+    metric G0 and the second from the samples of g1 and r = f − g1 (whose spread is O(n^{-1/2})).
+    Returns (mean, se_mean, cov, se_cov) with mean (N_B, n_L), cov (N_B n_L, N_B n_L).
+    """
+    f0, fT, H0, G0 = ens["f0"], ens["fT"], ens["H0"], ens["G0"]
+    M, N, nL = f0.shape
+    nB = N - nA
+    Tinv = np.linalg.inv(Theta[:nA, :nA])
+    P = Theta[nA:, :nA] @ Tinv  # (nB, nA)
+    L = np.concatenate([-P, np.eye(nB)], axis=1)  # (nB, N)
+    g1 = np.einsum("bd,mdi->mbi", L, f0)
+    # composite NTK: Hc[m, (δ, i), (δ', j)]
+    Hc = np.transpose(H0, (0, 3, 1, 4, 2)).reshape(M, N * nL, N * nL)
+    dH = Hc - Hc.mean(0)
+    eye = np.eye(nL)
+    Lc, Tic = np.kron(L, eye), np.kron(Tinv, eye)
+    eps = (f0[:, :nA] - np.asarray(YA)[None]).reshape(M, nA * nL)
+    a = nA * nL
+    proj = np.einsum("bx,mxa->mba", Lc, dH[:, :, :a])  # (ΔĤ_{B,A} − P ΔĤ_{A,A})
+    h = -np.einsum("mba,ac,mc->mb", proj, Tic, eps).reshape(M, nB, nL)
+    r = fT - g1 - h
+    mean = r.mean(0)
+    se_mean = r.std(0, ddof=1) / np.sqrt(M)
+    G = G0.mean(0)
+    covg = np.kron(L @ G @ L.T, eye)
+    gf, ff = g1.reshape(M, -1), fT.reshape(M, -1)
+    gf, ff = gf - gf.mean(0), ff - ff.mean(0)
+    prod = ff[:, :, None] * ff[:, None, :] - gf[:, :, None] * gf[:, None, :]  # per-network Cov(f) − Cov(g1) terms
+    LG = np.einsum("bd,mde,ce->mbc", L, G0, L)  # per-network L G0 Lᵀ (Rao–Blackwellized E[g1 g1ᵀ])
+    tot = prod + np.einsum("mbc,ij->mbicj", LG, eye).reshape(M, nB * nL, nB * nL)
+    cov = covg + prod.mean(0) * M / (M - 1)
+    se_cov = tot.std(0, ddof=1) / np.sqrt(M)
+    return mean, se_mean, cov, se_cov

@@ -204,10 +204,11 @@ def test_restricted_tables_give_the_same_entries():
     spec = ep.MLPSpec(2, (8, 8), 1, "tanh", **TANH)
     X = np.array([[0.5, -0.3], [1.0, 0.4], [-0.8, 0.9], [0.2, 1.1], [-1.0, -0.5]])
     full = ntk_statistics(spec, X)
-    from eft_prob.theory.ntk_stats import _stack
+    from eft_prob.theory.ntk_stats import _stack, _width_ratios
 
     nodes = tuple(sorted(_NODES[False].items()))
-    raw = _stack(spec, jnp.asarray(X), derivatives=True, all_layers=False, nodes=nodes, restrict=(3, (3, 3, 2)))
+    kw = dict(derivatives=True, all_layers=False, nodes=nodes, restrict=(3, (3, 3, 2)))
+    raw = _stack(spec, jnp.asarray(X), _width_ratios(spec), **kw)
     n_test = sum(np.meshgrid(*[np.arange(5) >= 3] * 4, indexing="ij"))
     for k, max_test in [("A", 2), ("B", 2), ("D", 2), ("F", 2), ("P", 2), ("Q", 2), ("R", 1), ("S", 1), ("T", 1)]:
         ok = n_test <= max_test

@@ -1,0 +1,282 @@
+"""Trained networks at O(1/n): mean and covariance after GD (THEORY.md §9.5 and its extension).
+
+Independent checks of ``nlo_trained_coefficients``:
+* the mean equals THEORY.md §9.5 (boxed), implemented here separately from the sheet's formula with
+  brute-force time sums of M^t (n_L = 1 and 2, two learning rates);
+* one GD step: the exact expectation of the Taylor-expanded step;
+* the covariance and finite-step results equal a Monte Carlo of the expanded GD dynamics driven by
+  surrogate random variables with exactly the O(1/n) cumulants (slow);
+* structural limits: steps → ∞, η → 0, steps = 0, training inputs fit exactly;
+* real GD-trained ensembles at three widths (slow; benchmarks/validate_trained_nlo.py is the large run).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import eft_prob as ep
+from eft_prob.theory.ntk_stats import ntk_statistics
+from eft_prob.theory.training import _composite_statistics, gd_moments, nlo_trained_coefficients
+from tests.conftest import fit_inverse_powers
+from tests.theory.ntk_mc import trained_ensemble, trained_moment_estimates
+
+XA = np.array([[1.0, 0.2], [-0.5, 0.9], [0.3, -1.0]])
+XB = np.array([[0.6, 0.5], [-1.2, -0.3]])
+YA = np.array([[0.5, -0.2], [-0.4, 0.3], [0.2, 0.7]])
+KW = dict(C_b=0.1, C_W=1.2, lambda_b=0.4, lambda_W=1.0)
+
+
+def _spec(nL, n=16):
+    return ep.MLPSpec(2, (n, n), nL, "tanh", **KW)
+
+
+def _composite_setup(spec, y):
+    """Composite (sample-major, index δ·n_L + i) kernels and 1/n tensors on A ∪ B."""
+    X = np.concatenate([XA, XB])
+    nL = y.shape[1]
+    st = ntk_statistics(spec, X)
+    e = np.eye(nL)
+    kron = lambda M: np.kron(np.asarray(M), e)
+    tensors = [np.asarray(t) for t in _composite_statistics(st, nL)]
+    return st, kron(st.Theta), kron(st.K), kron(st.K1), kron(st.H1), tensors
+
+
+def _gamma3(y, K):
+    """Γ⁰_{abc} = y_a y_b y_c + y_a K_bc + y_b K_ac + y_c K_ab = −E[ε_a ε_b ε_c] at initialization."""
+    return (
+        np.einsum("a,b,c->abc", y, y, y)
+        + np.einsum("a,bc->abc", y, K)
+        + np.einsum("b,ac->abc", y, K)
+        + np.einsum("c,ab->abc", y, K)
+    )
+
+
+def _boxed_mean1(spec, y, eta, T=800):
+    """THEORY.md §9.5 (boxed) for mean1, composite indices, algorithm projectors as explicit time sums."""
+    nA, nL = y.shape
+    _, Th, K, _, H1, (A, _, P, I, J) = _composite_setup(spec, y)
+    a = slice(0, nA * nL)
+    yv = y.reshape(-1)
+    Hi = np.linalg.inv(Th[a, a])
+    M = np.eye(nA * nL) - eta * Th[a, a]
+    ZA, Sttt, Stss, Sttr, Stsr = 0.0, 0.0, 0.0, 0.0, 0.0
+    Mt, cum1, cum2, cum3 = np.eye(nA * nL), 0.0 * M, 0.0, 0.0  # Σ_{s<t} M^s, Σ M^s⊗M^s, Σ_{s<t} M^s⊗(Σ_{r<s} M^r)
+    for _ in range(T):
+        ZA = ZA + eta**2 * np.einsum("ac,bd->abcd", Mt, cum1)
+        Sttt = Sttt + eta**3 * np.einsum("ad,be,cf->abcdef", Mt, Mt, Mt)
+        Sttr = Sttr + eta**3 * np.einsum("ad,be,cf->abcdef", Mt, Mt, cum1)
+        if np.ndim(cum2):
+            Stss = Stss + eta**3 * np.einsum("ad,bcef->abcdef", Mt, cum2)
+            Stsr = Stsr + eta**3 * np.einsum("ad,bcef->abcdef", Mt, cum3)
+        cum3 = cum3 + np.einsum("be,cf->bcef", Mt, cum1)
+        cum2 = cum2 + np.einsum("be,cf->bcef", Mt, Mt)
+        cum1 = cum1 + Mt
+        Mt = Mt @ M
+    G0 = _gamma3(yv, K[a, a])
+    sums = {"ttt": Sttt, "tss": Stss, "ttr": Sttr, "tsr": Stsr}
+    E = {k: -np.einsum("abcdef,def->abc", S, G0) for k, S in sums.items()}  # E[η³Σ εεε]
+    Jp = I + J + np.transpose(J, (0, 2, 1, 3))
+    m = np.empty(Th.shape[0])
+    for b in range(Th.shape[0]):
+        m[b] = (
+            H1[b, a] @ Hi @ yv
+            - np.einsum("xyz,xy,zv,v->", A[b, a, a, a], Hi, Hi, yv)
+            - np.einsum("xyz,xz,yv,v->", P[b, a, a, a], Hi, Hi, yv)
+            - np.einsum("xyz,xyzv,v->", P[a, b, a, a], ZA, yv)
+            - np.einsum("xyz,xyvz,v->", P[a, b, a, a], ZA, yv)
+            - np.einsum("abc,abc->", I[b, a, a, a], E["ttt"]) / 6
+            - 0.5 * np.einsum("abc,abc->", I[b, a, a, a] + I[a, b, a, a] + 2 * J[b, a, a, a], E["tss"])
+            - np.einsum("acd,acd->", Jp[b, a, a, a] + Jp[a, b, a, a], E["tsr"])
+            - 0.5 * np.einsum("abc,abc->", Jp[b, a, a, a], E["ttr"])
+        )
+    return (m - Th[:, a] @ Hi @ m[a])[nA * nL :].reshape(-1, nL)
+
+
+@pytest.mark.parametrize("nL, eta", [(1, 0.3), (2, 0.3), (1, 0.08)])
+def test_mean_equals_the_boxed_formula_with_explicit_time_sums(nL, eta):
+    spec = _spec(nL)
+    c = nlo_trained_coefficients(spec, XA, YA[:, :nL], XB, eta)
+    np.testing.assert_allclose(np.asarray(c.mean1), _boxed_mean1(spec, YA[:, :nL], eta), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("nL", [1, 2])
+def test_one_gd_step_is_the_expectation_of_the_taylor_expanded_step(nL):
+    """z(1) = z − ηĤ_{·A}ε + (η²/2)dĤ εε − (η³/6)ddĤ_I εεε (ε = z_A − y) is exact to O(1/n); its mean and
+    covariance from E[ΔĤΔĤ] = 𝒜/n, E[ΔĤ zz] = 𝒟/n, E[dĤ z] = 𝒫/n, E[ddĤ_I] = ℐ/n, E[zz] = K + K1/n."""
+    y = YA[:, :nL]
+    spec, eta = _spec(nL), 0.3
+    st, Th, K, K1, H1, (A, D, P, I, _) = _composite_setup(spec, y)
+    nA = y.shape[0]
+    a = slice(0, nA * nL)
+    yv = y.reshape(-1)
+    Lz = np.eye(Th.shape[0]) - eta * np.concatenate([Th[:, a], 0 * Th[:, nA * nL :]], 1)
+    G3 = _gamma3(yv, K[a, a])  # −E[εεε]
+    S2 = K[a, a] + np.outer(yv, yv)  # E[εε]
+    mean1 = eta * H1[:, a] @ yv - eta**2 * np.einsum("bxyx,y->b", P[:, a, a, a], yv)
+    mean1 = mean1 + eta**3 / 6 * np.einsum("bxyz,xyz->b", I[:, a, a, a], G3)
+    Kc = K[:, a]
+    Ez3 = np.einsum("cx,yz->cxyz", Kc, S2) + np.einsum("cy,xz->cxyz", Kc, S2) + np.einsum("cz,xy->cxyz", Kc, S2)
+    Lh = -eta * np.concatenate([H1[:, a], 0 * H1[:, nA * nL :]], 1)  # 1/n part of the linear map
+    dP = np.einsum("bxyc,xy->cb", P[:, a, a, :], S2) + 2 * np.einsum("bxyx,cy->cb", P[:, a, a, a], Kc)
+    cross = (
+        -eta * np.einsum("bxcx->cb", D[:, a, :, a])  # E[z_c ΔĤ_{bx} ε_x]; E[z ΔĤ] y = 0 by parity
+        + eta**2 / 2 * dP  # E[z_c dĤ_{bxy} ε_x ε_y]
+        - eta**3 / 6 * np.einsum("bxyz,cxyz->cb", I[:, a, a, a], Ez3)
+    )  # [c, b] = n E[z_c x_b]
+    cov1 = Lz @ K1 @ Lz.T + Lz @ K @ Lh.T + Lh @ K @ Lz.T + eta**2 * np.einsum("bxcy,xy->bc", A[:, a, :, a], S2)
+    cov1 = cov1 + Lz @ cross + (Lz @ cross).T
+    c = nlo_trained_coefficients(spec, XA, y, XB, eta, steps=1)
+    B = slice(nA * nL, None)
+    np.testing.assert_allclose(np.asarray(c.mean1).ravel(), mean1[B], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(c.cov1), cov1[B, B], rtol=1e-9, atol=1e-12)
+
+
+def test_limits_steps_learning_rate_and_training_inputs():
+    spec = _spec(1)
+    y = YA[:, :1]
+    Xt = np.concatenate([XB, XA[1:2]])  # the last test input is a training input
+    inf = nlo_trained_coefficients(spec, XA, y, Xt, 0.3)
+    late = nlo_trained_coefficients(spec, XA, y, Xt, 0.3, steps=3000)
+    for f in ("mean0", "cov0", "mean1", "cov1"):
+        np.testing.assert_allclose(np.asarray(getattr(late, f)), np.asarray(getattr(inf, f)), rtol=1e-9, atol=1e-12)
+    # training inputs are fit exactly at O(1/n) too
+    assert abs(float(inf.mean1[-1, 0])) < 1e-10 and np.max(np.abs(np.asarray(inf.cov1)[-1])) < 1e-10
+    assert float(inf.mean0[-1, 0]) == pytest.approx(float(y[1, 0]), abs=1e-10)
+    # gradient flow is the η → 0 limit (the closed forms are continuous in η)
+    gf = nlo_trained_coefficients(spec, XA, y, XB)
+    small = nlo_trained_coefficients(spec, XA, y, XB, 1e-6)
+    np.testing.assert_allclose(np.asarray(small.mean1), np.asarray(gf.mean1), rtol=1e-4, atol=1e-8)
+    np.testing.assert_allclose(np.asarray(small.cov1), np.asarray(gf.cov1), rtol=1e-4, atol=1e-8)
+    assert np.max(np.abs(np.asarray(gf.mean1) - np.asarray(inf.mean1)[:2])) > 1e-3  # η matters at O(1/n)
+    # steps = 0: the prior, E[zz] = K + K1/n
+    st = ntk_statistics(spec, np.concatenate([XA, XB]), derivatives=False)
+    zero = nlo_trained_coefficients(spec, XA, y, XB, 0.3, steps=0)
+    assert np.max(np.abs(np.asarray(zero.mean0))) == 0 and np.max(np.abs(np.asarray(zero.mean1))) < 1e-14
+    np.testing.assert_allclose(np.asarray(zero.cov1), np.asarray(st.K1)[3:, 3:], rtol=1e-10, atol=1e-14)
+    # order 0 equals gd_moments; order 1 -> order 0 as n -> ∞
+    K, T = np.asarray(st.K), np.asarray(st.Theta)
+    g = gd_moments(K[:3, :3], K[:3, 3:], K[3:, 3:], T[:3, :3], T[3:, :3], y, 0.3, None)
+    np.testing.assert_allclose(np.asarray(inf.mean0)[:2], np.asarray(g.mean), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(inf.cov0)[:2, :2], np.asarray(g.cov), rtol=1e-12, atol=1e-15)
+    far = inf.at(1e12)
+    np.testing.assert_allclose(np.asarray(far.mean)[:2], np.asarray(g.mean), atol=1e-10)
+    here = ep.theory.training.nlo_trained_moments(spec, XA, y, Xt, 0.3)
+    np.testing.assert_allclose(np.asarray(here.mean), np.asarray(inf.mean0 + inf.mean1 / 16), rtol=1e-12)
+
+
+def test_errors():
+    y = YA[:, :1]
+    with pytest.raises(ValueError, match="kinked"):
+        nlo_trained_coefficients(ep.MLPSpec(2, (8, 8), 1, "relu", C_W=2.0), XA, y, XB, 0.1)
+    with pytest.raises(ValueError, match="stability bound"):
+        nlo_trained_coefficients(_spec(1), XA, y, XB, 50.0)
+    with pytest.raises(ValueError, match="learning_rate is required"):
+        nlo_trained_coefficients(_spec(1), XA, y, XB, steps=10)
+    with pytest.raises(ValueError, match="non-negative integer"):
+        nlo_trained_coefficients(_spec(1), XA, y, XB, 0.1, steps=-1)
+    with pytest.raises(ValueError, match="hidden layer"):
+        nlo_trained_coefficients(ep.MLPSpec(2, (), 1, "tanh"), XA, y, XB, 0.1)
+
+
+# --------------------------------------------------------------------------------------------
+# Monte Carlo of the expanded dynamics with surrogate random variables (covariance, finite steps).
+
+
+def _surrogate_moments(spec, y, eta, steps, n_samples, key, g=1e-3):
+    """g² coefficients of E[z_B(T)] and Cov[z_B(T)] for the Taylor-expanded GD dynamics driven by
+    z ~ N(0, K + g²K1), Ĥ(0) = Θ + g²H1 + gX + g²C(zz − K) (X ~ N(0, 𝒜)), dĤ = g²(𝒫K⁻¹)z, ddĤ = g²(ℐ, 𝒥),
+    whose cumulants are exactly those of the theory with g² = 1/n.  Per sample the g and g²
+    coefficients come from symmetric differences at ±g (the path is polynomial in g)."""
+    nA, nL = y.shape
+    _, Th, K, K1, H1, tensors = _composite_setup(spec, y)
+    Th, K, K1, H1 = (jnp.asarray(t) for t in (Th, K, K1, H1))
+    A, D, P, I, J = (jnp.asarray(t) for t in tensors)
+    nD, a = Th.shape[0], slice(0, nA * nL)
+    yv = jnp.asarray(y.reshape(-1))
+    Ki = jnp.linalg.inv(K)
+    C = 0.5 * jnp.einsum("xycd,ce,df->xyef", D, Ki, Ki)
+    Pz = jnp.einsum("xyzc,cd->xyzd", P, Ki)
+    Jp = I + J + jnp.transpose(J, (0, 2, 1, 3))
+    Sm = I + jnp.transpose(I, (1, 0, 2, 3)) + 2 * J
+    w, V = jnp.linalg.eigh(A.reshape(nD * nD, -1))
+    Aroot = V * jnp.sqrt(jnp.clip(w, 0.0))
+
+    def path(g, xi, zeta):
+        z = jnp.linalg.cholesky(K + g**2 * K1) @ xi
+        X = (Aroot @ zeta).reshape(nD, nD)
+        H = Th + g**2 * H1 + g * (X + X.T) / 2 + g**2 * jnp.einsum("xyef,ef->xy", C, jnp.outer(z, z) - K)
+        d = g**2 * jnp.einsum("xyzc,c->xyz", Pz, z)
+
+        def step(c, _):
+            z, H, d = c
+            e = z[a] - yv
+            zn = z - eta * H[:, a] @ e + eta**2 / 2 * jnp.einsum("bxy,x,y->b", d[:, a, a], e, e)
+            zn = zn - eta**3 / 6 * g**2 * jnp.einsum("bxyz,x,y,z->b", I[:, a, a, a], e, e, e)
+            Hn = H - eta * (jnp.einsum("pqx,x->pq", d[:, :, a], e) + jnp.einsum("qpx,x->pq", d[:, :, a], e))
+            Hn = Hn + eta**2 / 2 * g**2 * jnp.einsum("pqxy,x,y->pq", Sm[:, :, a, a], e, e)
+            return (zn, Hn, d - eta * g**2 * jnp.einsum("pqrx,x->pqr", Jp[:, :, :, a], e)), None
+
+        return jax.lax.scan(step, (z, H, d), None, length=steps)[0][0][nA * nL :]
+
+    def coeffs(xi, zeta):
+        zp, z0, zm = path(g, xi, zeta), path(0.0, xi, zeta), path(-g, xi, zeta)
+        return z0, (zp - zm) / (2 * g), (zp + zm - 2 * z0) / (2 * g**2)
+
+    k1, k2 = jax.random.split(key)
+    xi = jax.random.normal(k1, (n_samples, nD))
+    zeta = jax.random.normal(k2, (n_samples, nD * nD))
+    z0, z1, z2 = (np.asarray(v) for v in jax.jit(jax.vmap(coeffs))(xi, zeta))
+    m0, m2 = z0.mean(0), z2.mean(0)
+    cs = z0[:, :, None] * z2[:, None] + z2[:, :, None] * z0[:, None] + z1[:, :, None] * z1[:, None]
+    cs = cs - np.outer(m0, m2) - np.outer(m2, m0)
+    S = n_samples
+    return m2, z2.std(0) / np.sqrt(S), cs.mean(0), cs.std(0) / np.sqrt(S)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nL, steps", [(1, 2), (2, 5), (1, 60)])
+def test_covariance_and_finite_steps_equal_monte_carlo_of_the_expanded_dynamics(nL, steps):
+    y = YA[:, :nL]
+    spec = _spec(nL)
+    T = np.asarray(ep.theory.ntk(spec, np.concatenate([XA, XB])))
+    eta = 0.8 / np.linalg.eigvalsh(T[:3, :3])[-1]
+    m, sm, c, sc = _surrogate_moments(spec, y, eta, steps, 40000, jax.random.key(steps))
+    th = nlo_trained_coefficients(spec, XA, y, XB, eta, steps)
+    z_mean = (np.asarray(th.mean1).ravel() - m) / sm
+    z_cov = (np.asarray(th.cov1) - c) / sc
+    assert np.max(np.abs(z_mean)) < 4.5 and np.max(np.abs(z_cov)) < 4.5, (z_mean, z_cov)
+    assert np.max(sc) < 0.15 * np.max(np.abs(np.asarray(th.cov1)))  # resolved
+
+
+# --------------------------------------------------------------------------------------------
+# Real networks trained by gradient descent (small CI version of benchmarks/validate_trained_nlo.py).
+
+
+@pytest.mark.slow
+def test_trained_mean_matches_gd_trained_ensembles():
+    """tanh, depth 3, 1-D data with a well-conditioned Θ̃ (κ ≈ 10), η = 1/λ_max, trained to convergence:
+    n·(ensemble mean − order 0) at three widths, fitted by c + b/n, equals mean1 at every test input
+    (two interpolation points and one extrapolation point), and the order-0 prediction is rejected."""
+    XA1 = np.array([[-1.2], [0.1], [1.3]])
+    YA1 = np.array([[0.5], [-0.4], [0.3]])
+    XB1 = np.array([[-0.6], [0.6], [2.0]])
+    mk = lambda n: ep.MLPSpec(1, (n, n), 1, "tanh", C_b=0.1, C_W=1.5, lambda_b=0.5, lambda_W=1.0)
+    k = ep.theory.kernels(mk(8), np.concatenate([XA1, XB1]))
+    K, Th = np.asarray(k.nngp[-1]), np.asarray(k.ntk[-1])
+    eta = 1.0 / np.linalg.eigvalsh(Th[:3, :3])[-1]
+    th = nlo_trained_coefficients(mk(8), XA1, YA1, XB1, eta)
+    widths, sizes = (16, 32, 64), (3000, 2000, 1200)
+    vals, ses = [], []
+    for i, (n, M) in enumerate(zip(widths, sizes)):
+        ens = trained_ensemble(mk(n), XA1, YA1, XB1, eta, 300, M, jax.random.key(500 + i))
+        assert ens["loss"].max() < 1e-5  # converged (outputs within ~√loss of the minimum)
+        m, sm, _, _ = trained_moment_estimates(ens, K, Th, 3, YA1)
+        vals.append(n * (m.ravel() - np.asarray(th.mean0).ravel()))
+        ses.append(n * sm.ravel())
+    vals, ses = np.array(vals), np.array(ses)
+    for j in range(3):
+        (c, _), (sc, _), _ = fit_inverse_powers(widths, vals[:, j], ses[:, j], (0, 1))
+        pred = float(np.asarray(th.mean1).ravel()[j])
+        assert abs(c - pred) <= 4 * sc, (j, c, sc, pred)
+        assert abs(pred) > 3 * sc or j == 2, (j, pred, sc)  # the 1/n term is resolved
