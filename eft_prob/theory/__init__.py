@@ -2,14 +2,24 @@
 
 from .bayes import NLOMoments, gp_posterior, log_evidence, nlo_posterior_moments, posterior_kernel_shift
 from .kernels import Kernels, kernels, nngp, ntk, output_kernels
-from .training import gd_prediction
+from .ntk_stats import NTKStatistics, ntk_statistics
+from .training import (
+    NLOTrainedCoefficients,
+    TrainedMoments,
+    gd_prediction,
+    nlo_trained_coefficients,
+    nlo_trained_moments,
+)
 from .vertex import FactoredVertex, PriorStatistics, four_point_vertex, nlo_kernel, prior_statistics
 
 __all__ = [
     "FactoredVertex",
     "Kernels",
     "NLOMoments",
+    "NLOTrainedCoefficients",
+    "NTKStatistics",
     "PriorStatistics",
+    "TrainedMoments",
     "four_point_vertex",
     "gd_prediction",
     "gp_posterior",
@@ -17,8 +27,11 @@ __all__ = [
     "log_evidence",
     "nlo_kernel",
     "nlo_posterior_moments",
+    "nlo_trained_coefficients",
+    "nlo_trained_moments",
     "nngp",
     "ntk",
+    "ntk_statistics",
     "output_kernels",
     "posterior_kernel_shift",
     "prior_statistics",

@@ -334,6 +334,22 @@ def _vv(g1, g2, V):
     return _d_last(g2, _d_first(g1, V))
 
 
+def _f_stein(F, f_lo, f_hi, g_lo, g_hi):
+    """out[a,b,c,d] = Σ_{β1β2} F[a, β1, c, β2] ⟨∂_β1 f_ab⟩ ⟨∂_β2 g_cd⟩ (F in (NTK, z, NTK, z) order).
+
+    First-order Stein forms of pair functions, ⟨∂_β(u_a v_b)⟩ = δ_βa ⟨u'_a v_b⟩ + δ_βb ⟨u_a v'_b⟩, given as
+    the pair-moment matrices f_lo = ⟨u'_a v_b⟩, f_hi = ⟨u_a v'_b⟩ (and g_lo, g_hi for g).  This is how
+    F enters the recursions of F, Q and T: E[ΔĤ_{j1j2} f(z_j1) g(z_j2)] = Σ F K⁻¹⟨z f⟩ K⁻¹⟨z g⟩/n.
+    """
+    x, y = lambda M: M[:, :, None, None], lambda M: M[None, None]
+    return (
+        x(f_lo) * y(g_lo) * jnp.einsum("aacc->ac", F)[:, None, :, None]
+        + x(f_lo) * y(g_hi) * jnp.einsum("aacd->acd", F)[:, None, :, :]
+        + x(f_hi) * y(g_lo) * jnp.einsum("abcc->abc", F)[:, :, :, None]
+        + x(f_hi) * y(g_hi) * F
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # The recursion.
 
@@ -404,16 +420,7 @@ def _layer_step(act, st, hyper, derivatives: bool, nodes, restrict=None):
     )
     # F'_{pqrs} (NTK p, z q, NTK r, z s).
     E1100_F = jnp.einsum("prqs->pqrs", E1100) * Th[:, None, :, None]  # ⟨σ'_pσ'_rσ_qσ_s⟩ Θ_pr
-    Fd = jnp.einsum("ppqq->pq", F)  # F[p, p, r, r]
-    Fl = jnp.einsum("pprs->prs", F)  # F[p, p, r, s]
-    Fr = jnp.einsum("pqrr->pqr", F)  # F[p, q, r, r]
-    Fprop = (
-        e20[:, :, None, None] * e20[None, None] * Fd[:, None, :, None]
-        + e20[:, :, None, None] * dd[None, None] * Fl[:, None, :, :]
-        + dd[:, :, None, None] * e20[None, None] * Fr[:, :, :, None]
-        + dd[:, :, None, None] * dd[None, None] * F
-    )
-    out["F"] = C_W**2 * (E1100_F + r * Fprop)
+    out["F"] = C_W**2 * (E1100_F + r * _f_stein(F, e20, dd, e20, dd))  # f = σ'_pσ_q, g = σ'_rσ_s
     # D'_{abcd} (NTK ab, z cd).
     out["D"] = C_W * (
         Om_ss
@@ -453,16 +460,7 @@ def _derivative_step(E, st, new, Th, dd, e20, e31, e22, C_W, l_W, r):
     out["P"] = src_PQ + r * C_W**2 * dd[None, :, :, None] * (
         e20[:, None, None, :] * (Baa[:, :, :, None] + Paa[:, :, :, None]) + P * dd[:, None, None, :]
     )
-    # Σ F_{aβ1cβ2}⟨∂β1(σ''_aσ'_b)⟩⟨∂β2(σ'_cσ_d)⟩
-    Fd = jnp.einsum("aacc->ac", F)  # F[a, a, c, c]
-    Fl = jnp.einsum("aacd->acd", F)  # F[a, a, c, d]
-    Fr = jnp.einsum("abcc->abc", F)  # F[a, b, c, c]
-    Fq = (
-        e31[:, :, None, None] * e20[None, None] * Fd[:, None, :, None]
-        + e31[:, :, None, None] * dd[None, None] * Fl[:, None, :, :]
-        + e22[:, :, None, None] * e20[None, None] * Fr[:, :, :, None]
-        + e22[:, :, None, None] * dd[None, None] * F
-    )
+    Fq = _f_stein(F, e31, e22, e20, dd)  # Σ F_{aβ1cβ2}⟨∂β1(σ''_aσ'_b)⟩⟨∂β2(σ'_cσ_d)⟩
     Qcc = jnp.einsum("abcc->abc", Q)  # Q[a, b, c, c]
     out["Q"] = (
         src_PQ + (l_W / C_W) * new["F"] + r * C_W**2 * (x(Th) * Fq + x(dd) * (Qcc[:, :, :, None] * y(e20) + Q * y(dd)))
@@ -499,19 +497,8 @@ def _derivative_step(E, st, new, Th, dd, e20, e31, e22, C_W, l_W, r):
 
     # T'_{acdb} with a = δ1, b = δ2, c = δ3, d = δ4: build X[a, b, c, d], then T'[a, c, d, b] = X.
     def FF(f_lo, f_hi, g_lo, g_hi):
-        """𝓕_{ac|bd}(f, g) = Σ F_{aβ1bβ2}⟨∂β1 f_ac⟩⟨∂β2 g_bd⟩, ⟨∂_β f_ac⟩ = δ_βa f_lo + δ_βc f_hi; -> [a, b, c, d]."""
-        Fab = jnp.einsum("aabb->ab", F)  # F[a, a, b, b]
-        Fabd = jnp.einsum("aabd->abd", F)  # F[a, a, b, d]
-        Facb = jnp.einsum("acbb->abc", F)  # F[a, c, b, b] -> [a, b, c]
-        Facbd = jnp.transpose(F, (0, 2, 1, 3))  # F[a, c, b, d] -> [a, b, c, d]
-        fl, fh = f_lo[:, None, :, None], f_hi[:, None, :, None]  # (a, c)
-        gl, gh = g_lo[None, :, None, :], g_hi[None, :, None, :]  # (b, d)
-        return (
-            fl * gl * Fab[:, :, None, None]
-            + fl * gh * Fabd[:, :, None, :]
-            + fh * gl * Facb[:, :, :, None]
-            + fh * gh * Facbd
-        )
+        """𝓕_{ac|bd}(f, g) = Σ F_{aβ1bβ2}⟨∂β1 f_ac⟩⟨∂β2 g_bd⟩ -> [a, b, c, d]."""
+        return jnp.transpose(_f_stein(F, f_lo, f_hi, g_lo, g_hi), (0, 2, 1, 3))
 
     ac = lambda M: M[:, None, :, None]  # M[a, c]
     bd = lambda M: M[None, :, None, :]  # M[b, d]
