@@ -199,42 +199,47 @@ def trained_ensemble(spec, XA, YA, XB, learning_rate, steps, n_networks, key, *,
 
 
 def trained_moment_estimates(ens, K, Theta, nA, YA):
-    """Control-variate estimates of n-independent quantities E[f_T] and Cov[f_T] (flattened β·n_L + i).
+    """Control-variate estimates of the mean and covariance of trained outputs (flattened β·n_L + i).
 
-    With L = [−Θ_BA Θ̃⁻¹, 1] (per neuron) the infinite-width linearized prediction of each network from
-    its own init is g1 = L z(0) (E g1 = 0 exactly), and its first-order NTK response is
-    h = −(ΔĤ_BA − Θ_BA Θ̃⁻¹ ΔĤ_AA) Θ̃⁻¹ (z_A(0) − y), ΔĤ = Ĥ(0) − (ensemble mean), with E h = 0 by the
-    W^(L) → −W^(L) symmetry.  E[f] is estimated by the mean of f − g1 − h.  For the covariance,
-    Cov(f) = L E[z zᵀ] Lᵀ + [Cov(f) − Cov(g1)], the first term with E[z zᵀ] from the Rao–Blackwellized
-    metric G0 and the second from the samples of g1 and r = f − g1 (whose spread is O(n^{-1/2})).
+    With L = [−Θ_BA Θ̃⁻¹, 1] (per neuron), g1 = L z(0) is each network's infinite-width linearized
+    prediction from its own init (E g1 = 0 exactly), and h = −(ΔĤ_BA − Θ_BA Θ̃⁻¹ ΔĤ_AA) Θ̃⁻¹ (z_A(0) − y)
+    its first-order response to its own NTK fluctuation ΔĤ = Ĥ(0) − Θ.  ΔĤ is centred on the exact
+    infinite-width Θ, not on the ensemble mean: centred on the sample mean, the y-term of h would sum
+    to zero and leave the sample-mean fluctuation of Ĥ in the estimate while hiding it from the standard
+    error.  Hence E[h] = (Π H^{1} Θ̃⁻¹ y)/n + O(1/n²) (E[Ĥ z] = 0 by the W^(L) → −W^(L) symmetry) and
+
+        mean = average of f − g1 − h   estimates   E[f_T] − (Π H^{1} Θ̃⁻¹ y)/n,
+
+    i.e. the trained mean without its H^{1} part (see :func:`h1_mean_part`), with an honest standard
+    error (independent networks).  For the covariance, Cov(f) = L E[z zᵀ] Lᵀ + [Cov(f) − Cov(g1)], the
+    first term with E[z zᵀ] from the Rao–Blackwellized metric G0, the second from the samples.
     Returns (mean, se_mean, cov, se_cov) with mean (N_B, n_L), cov (N_B n_L, N_B n_L).
     """
     f0, fT, H0, G0 = ens["f0"], ens["fT"], ens["H0"], ens["G0"]
     M, N, nL = f0.shape
     nB = N - nA
     Tinv = np.linalg.inv(Theta[:nA, :nA])
-    P = Theta[nA:, :nA] @ Tinv  # (nB, nA)
-    L = np.concatenate([-P, np.eye(nB)], axis=1)  # (nB, N)
-    g1 = np.einsum("bd,mdi->mbi", L, f0)
-    # composite NTK: Hc[m, (δ, i), (δ', j)]
-    Hc = np.transpose(H0, (0, 3, 1, 4, 2)).reshape(M, N * nL, N * nL)
-    dH = Hc - Hc.mean(0)
+    L = np.concatenate([-Theta[nA:, :nA] @ Tinv, np.eye(nB)], axis=1)  # (nB, N)
     eye = np.eye(nL)
     Lc, Tic = np.kron(L, eye), np.kron(Tinv, eye)
-    eps = (f0[:, :nA] - np.asarray(YA)[None]).reshape(M, nA * nL)
+    g1 = np.einsum("bd,mdi->mbi", L, f0)
+    Hc = np.transpose(H0, (0, 3, 1, 4, 2)).reshape(M, N * nL, N * nL)  # Hc[m, (δ, i), (δ', j)]
+    dH = Hc - np.kron(Theta, eye)[None]
     a = nA * nL
-    proj = np.einsum("bx,mxa->mba", Lc, dH[:, :, :a])  # (ΔĤ_{B,A} − P ΔĤ_{A,A})
-    h = -np.einsum("mba,ac,mc->mb", proj, Tic, eps).reshape(M, nB, nL)
+    eps = (f0[:, :nA] - np.asarray(YA)[None]).reshape(M, a)
+    h = -np.einsum("bx,mxa,ac,mc->mb", Lc, dH[:, :, :a], Tic, eps).reshape(M, nB, nL)
     r = fT - g1 - h
-    mean = r.mean(0)
-    se_mean = r.std(0, ddof=1) / np.sqrt(M)
-    G = G0.mean(0)
-    covg = np.kron(L @ G @ L.T, eye)
+    mean, se_mean = r.mean(0), r.std(0, ddof=1) / np.sqrt(M)
     gf, ff = g1.reshape(M, -1), fT.reshape(M, -1)
     gf, ff = gf - gf.mean(0), ff - ff.mean(0)
-    prod = ff[:, :, None] * ff[:, None, :] - gf[:, :, None] * gf[:, None, :]  # per-network Cov(f) − Cov(g1) terms
-    LG = np.einsum("bd,mde,ce->mbc", L, G0, L)  # per-network L G0 Lᵀ (Rao–Blackwellized E[g1 g1ᵀ])
-    tot = prod + np.einsum("mbc,ij->mbicj", LG, eye).reshape(M, nB * nL, nB * nL)
-    cov = covg + prod.mean(0) * M / (M - 1)
-    se_cov = tot.std(0, ddof=1) / np.sqrt(M)
-    return mean, se_mean, cov, se_cov
+    LG = np.einsum("bd,mde,ce->mbc", L, G0, L)  # per network L G0 Lᵀ (Rao–Blackwellized E[g1 g1ᵀ])
+    samples = ff[:, :, None] * ff[:, None, :] - gf[:, :, None] * gf[:, None, :]
+    samples = samples + np.einsum("mbc,ij->mbicj", LG, eye).reshape(M, nB * nL, nB * nL)
+    return mean, se_mean, samples.mean(0), samples.std(0, ddof=1) / np.sqrt(M)
+
+
+def h1_mean_part(H1, Theta, nA, YA):
+    """(Π H^{1} Θ̃⁻¹ y) on the test inputs, (N_B, n_L): the H^{1} part of the trained mean's 1/n coefficient,
+    which :func:`trained_moment_estimates` removes with its control variate."""
+    Tinv = np.linalg.inv(Theta[:nA, :nA])
+    return (H1[nA:, :nA] - Theta[nA:, :nA] @ Tinv @ H1[:nA, :nA]) @ Tinv @ np.asarray(YA)
