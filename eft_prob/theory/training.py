@@ -155,7 +155,11 @@ class NLOTrainedCoefficients(NamedTuple):
     width: int
 
     def at(self, width: float | None = None) -> TrainedMoments:
-        """The moments at width n (default: the spec's n_{L-1}), truncated at O(1/n)."""
+        """The moments at width n (default: the spec's n_{L-1}), truncated at O(1/n).
+
+        The truncated covariance is positive semi-definite for large n but need not be at small n
+        (where the O(1/n²) terms are not small either).
+        """
         n = self.width if width is None else width
         cov = self.cov0 + self.cov1 / n
         return TrainedMoments(self.mean0 + self.mean1 / n, (cov + cov.T) / 2)
