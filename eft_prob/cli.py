@@ -1,6 +1,7 @@
 """``eft-prob``: run a model spec end to end — infinite-width theory against ensembles of real networks.
 
-    eft-prob run [SPEC] [--out DIR] [--smoke]     theory + simulation + comparison table
+    eft-prob run [SPEC] [--out DIR] [--resume] [--smoke] [--check]
+                                                  theory (order 0 and 1) + simulation + comparison
     eft-prob theory [SPEC]                        the analytic (infinite-width) part only
     eft-prob criticality ACTIVATION [--depth L --width N]
                                                   universality class, critical points, regime
@@ -33,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import __version__, criticality, enable_x64, ensemble
+from . import __version__, criticality, enable_x64
 from .activations import ACTIVATIONS
 from .distributions import BayesianPosterior, NetworkPrior, TrainedNetwork
 from .spec import MLPSpec
@@ -47,13 +48,25 @@ DEFAULT_SPEC = "eft_prob/data/default.toml"
 _DEFAULT_LABEL = f"<packaged default> ({DEFAULT_SPEC})"
 
 #: ``--smoke`` / ``EFT_PROB_SMOKE=1`` caps: a few seconds on a laptop CPU.
-SMOKE_CAPS = {"prior_networks": 256, "training_networks": 16, "steps": 100}
+SMOKE_CAPS = {
+    "prior_networks": 256,
+    "training_networks": 16,
+    "steps": 100,
+    "num_chains": 1,
+    "num_warmup": 40,
+    "num_samples": 40,
+    "theory_draws": 400,
+}
 
 #: Networks per compiled batch on the CPU backend when the spec does not say (measured on a 2-core
 #: CPU, width 256: vmapping many networks at once is memory-bound there, and training one network
 #: per batch was 1.6× faster than the library's accelerator-sized default).
 
-_GENERATORS = ("sine",)
+_GENERATORS = ("sine", "diabetes", "file")
+_COMPARISONS = ("initialization", "training", "bayes")
+#: The ten columns of scikit-learn's diabetes data (age, sex, body-mass index, blood pressure, six serum values).
+_DIABETES_FEATURES = ("age", "sex", "bmi", "bp", "s1", "s2", "s3", "s4", "s5", "s6")
+_DIABETES_ROWS = 442
 _Z_FLAG = 3.0  # |z| above this is flagged in the table and the verdict
 _SE_FLOOR = 1e-8  # z-scores use max(s.e., 1e-8 × the prior's scale)
 
@@ -68,7 +81,7 @@ class SpecError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class _Key:
-    kind: str  # int | float | str | int_list | hyper | pair
+    kind: str  # int | float | str | int_list | str_list | hyper | pair
     check: object = None  # value -> problem string or None
     fix: str = ""
     optional: bool = False  # may be absent from the default (then None)
@@ -94,6 +107,31 @@ def _known_generator(v):
     return None if v in _GENERATORS else "is not a known data generator"
 
 
+def _known_comparisons(v):
+    bad = [c for c in v if c not in _COMPARISONS]
+    if bad:
+        return f"has unknown comparison {json.dumps(bad[0])}"
+    if len(set(v)) != len(v):
+        return "lists a comparison twice"
+    return None if v else "must name at least one comparison"
+
+
+def _fraction_open(v):
+    return None if 0 < v < 1 else "must lie strictly between 0 and 1"
+
+
+def _nonempty_str(v):
+    return None if v.strip() else "must not be empty"
+
+
+def _names_ok(v):
+    if not v:
+        return "must not be an empty list"
+    if any(not x.strip() for x in v):
+        return "must not contain an empty name"
+    return "lists a name twice" if len(set(v)) != len(v) else None
+
+
 def _range_ok(v):
     return None if v[0] < v[1] else "must be [low, high] with low < high"
 
@@ -117,6 +155,19 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
         "frequency": _Key("float", None, "give a finite number, e.g. frequency = 1.0"),
         "noise_std": _Key("float", _ge(0, "a standard deviation"), "use a noise level >= 0, e.g. 0.05"),
         "seed": _Key("int", _ge(0, "a seed"), "use a non-negative integer seed"),
+        "path": _Key(
+            "str",
+            _nonempty_str,
+            'name a .npz or .csv file, relative to the spec file, e.g. path = "mydata.csv"',
+            True,
+        ),
+        "features": _Key(
+            "str_list",
+            _names_ok,
+            'list input columns, e.g. features = ["bmi", "bp", "s5"] (diabetes: ' + ", ".join(_DIABETES_FEATURES) + ")",
+            True,
+        ),
+        "target": _Key("str", _nonempty_str, 'name the target column of the .csv file, e.g. target = "y"', True),
     },
     "prior": {
         "n_networks": _Key("int", _ge(2, "a count"), "use at least 2 networks (a variance needs two)"),
@@ -137,6 +188,40 @@ _SCHEMA: dict[str, dict[str, _Key]] = {
     "bayes": {
         "noise_var": _Key("float", _gt(0, "a variance"), "use an observation-noise variance > 0, e.g. 0.0025"),
     },
+    "nuts": {
+        "num_chains": _Key("int", _ge(1, "a count"), "use at least one chain, e.g. num_chains = 2"),
+        "num_warmup": _Key("int", _ge(1, "a count"), "use a positive number of warmup iterations, e.g. 500"),
+        "num_samples": _Key("int", _ge(2, "a count"), "keep at least 2 draws per chain, e.g. num_samples = 500"),
+        "seed": _Key("int", _ge(0, "a seed"), "use a non-negative integer seed"),
+        "target_accept": _Key("float", _fraction_open, "use a value in (0, 1), e.g. target_accept = 0.9"),
+    },
+    "run": {
+        "comparisons": _Key(
+            "str_list",
+            _known_comparisons,
+            "list some of "
+            + ", ".join(json.dumps(c) for c in _COMPARISONS)
+            + ', e.g. comparisons = ["initialization", "training"]',
+        ),
+        "widths": _Key(
+            "int_list",
+            _ge(1, "a width"),
+            "list hidden widths to sweep (every hidden layer gets each width), e.g. widths = [32, 64, 128], "
+            "or leave it out",
+            True,
+        ),
+        "theory_draws": _Key("int", _ge(2, "a count"), "use at least 2 draws, e.g. theory_draws = 4000"),
+    },
+}
+
+#: Keys of [data] that only one generator reads (a user spec setting them for another is a mistake).
+_GENERATOR_KEYS = {
+    "x_range": ("sine",),
+    "frequency": ("sine",),
+    "noise_std": ("sine",),
+    "path": ("file",),
+    "features": ("diabetes", "file"),
+    "target": ("file",),
 }
 
 _KIND_WORDS = {
@@ -144,6 +229,7 @@ _KIND_WORDS = {
     "float": "a number",
     "str": "a string",
     "int_list": "a list of integers",
+    "str_list": "a list of strings",
     "hyper": "a number or a list of one number per layer",
     "pair": "a list of two numbers",
 }
@@ -157,6 +243,7 @@ class Config:
     tables: dict
     spec: MLPSpec
     origins: dict  # (section, key) -> the file the value came from (the user's or the default)
+    base_dir: str = "."  # relative data paths are relative to this (the spec file's directory)
 
     def __getitem__(self, section):
         return self.tables[section]
@@ -164,6 +251,12 @@ class Config:
     def where(self, section: str, key: str) -> str:
         """``file: [section] key`` for messages about one value."""
         return f"{self.origins[section, key]}: [{section}] {key}"
+
+    def where_spec(self, section: str, key: str) -> str:
+        """``spec: [section] key``, noting when the value came from the packaged default."""
+        origin = self.origins.get((section, key), self.source)
+        note = f" (not set, so the default's value from {origin})" if origin != self.source else ""
+        return f"{self.source}: [{section}] {key}{note}"
 
 
 def _is_int(v):
@@ -204,7 +297,15 @@ def _check_value(where: str, kind: _Key, value):
     if kind.kind == "int_list":
         if not isinstance(value, list):
             fail(f"must be {_KIND_WORDS['int_list']}, not {_toml_type(value)}")
+        if not value:
+            fail("must not be an empty list")
         return [scalar(v, True, f"{where}[{j}]") for j, v in enumerate(value)]
+    if kind.kind == "str_list":
+        if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            fail(f"must be {_KIND_WORDS['str_list']}")
+        if problem := kind.check(value):
+            fail(problem)
+        return list(value)
     if kind.kind == "hyper":
         if isinstance(value, list):
             if not value:
@@ -311,12 +412,27 @@ def _validate(raw: dict, source: str, defaults: dict | None) -> Config:
                 f"{source}: [model] {name} has {len(m[name])} values but the network has L = {depth} layers. "
                 f"Fix: give one number, or a list of {depth} (one per layer)."
             )
+    for key, generators in _GENERATOR_KEYS.items():
+        if key in raw.get("data", {}) and d["generator"] not in generators:
+            raise SpecError(
+                f"{source}: [data] {key} is read only by generator = "
+                + " or ".join(json.dumps(g) for g in generators)
+                + f", but generator = {json.dumps(d['generator'])}. Fix: remove {key}, or change the generator."
+            )
     if d["generator"] == "sine" and (m["input_dim"] != 1 or m["output_dim"] != 1):
         raise SpecError(
             f'{source}: [data] generator = "sine" is a 1-D regression problem but [model] has '
             f"input_dim = {m['input_dim']}, output_dim = {m['output_dim']}. Fix: set input_dim = 1 and "
             "output_dim = 1."
         )
+    if d["generator"] == "file" and d["path"] is None:
+        raise SpecError(
+            f'{source}: [data] generator = "file" needs [data] path. Fix: add path = "data.npz" (or a .csv '
+            "file), relative to the spec file."
+        )
+    r = tables["run"]
+    if r["widths"] is not None and len(set(r["widths"])) != len(r["widths"]):
+        raise SpecError(f"{source}: [run] widths = {_show(r['widths'])} lists a width twice. Fix: list each once.")
     hyper = {
         k: tuple(v) if isinstance(v, list) else v for k, v in m.items() if k in ("C_b", "C_W", "lambda_b", "lambda_W")
     }
@@ -324,11 +440,23 @@ def _validate(raw: dict, source: str, defaults: dict | None) -> Config:
         spec = MLPSpec(m["input_dim"], tuple(m["hidden"]), m["output_dim"], m["activation"], **hyper)
     except ValueError as e:  # defensive: everything MLPSpec checks is checked above
         raise SpecError(f"{source}: [model] {e} Fix: correct that value.") from None
-    return Config(source, tables, spec, origins)
+    if r["widths"] is not None and not spec.hidden:
+        raise SpecError(
+            f"{source}: [run] widths sweeps the hidden widths, but [model] hidden = [] has none. Fix: remove "
+            "widths, or give the network hidden layers."
+        )
+    base = os.path.dirname(os.path.abspath(source)) if defaults is not None else os.getcwd()
+    cfg = Config(source, tables, spec, origins, base)
+    make_data(cfg)  # data files and data sets are read and checked now, before any computation
+    return cfg
 
 
 def load_spec(path: str | None = None) -> Config:
-    """Read and validate a spec file (``None``: the packaged default).  Raises :class:`SpecError`."""
+    """Read and validate a spec file (``None``: the packaged default).  Raises :class:`SpecError`.
+
+    Validation is complete: every key, its type and value, the cross-checks between sections, and the
+    data ([data] files are read, data-set shapes checked against [model]).
+    """
     default_raw = _parse(_read_default_text(), _DEFAULT_LABEL)
     if path is None:
         return _validate(default_raw, _DEFAULT_LABEL, None)
@@ -356,355 +484,208 @@ def load_spec(path: str | None = None) -> Config:
 
 @dataclasses.dataclass(frozen=True)
 class Data:
-    X: np.ndarray  # (n_train, 1)
-    y: np.ndarray  # (n_train, 1)
-    X_test: np.ndarray  # (n_test, 1)
-    f_test: np.ndarray  # (n_test, 1): the noise-free target function on the test inputs
+    X: np.ndarray  # (n_train, n_0)
+    y: np.ndarray  # (n_train, n_L)
+    X_test: np.ndarray  # (n_test, n_0)
+    f_test: np.ndarray  # (n_test, n_L): the noise-free target on the test inputs (real data: = y_test)
+    y_test: np.ndarray | None = None  # (n_test, n_L): held-out noisy targets (None: not available)
+    description: str = ""
+
+    @property
+    def one_d(self) -> bool:
+        return self.X.shape[1] == 1
+
+    def x_label(self, a: int) -> float:
+        """What identifies test point a in tables: its x for 1-D inputs, else its index."""
+        return float(self.X_test[a, 0]) if self.one_d else float(a)
 
 
 def make_data(cfg: Config) -> Data:
-    """The built-in synthetic regression problem of ``[data]``.
+    """The regression problem of ``[data]``.
 
-    ``sine``: training inputs evenly spaced on x_range (ends included), test inputs at the centres of
-    n_test equal cells of x_range, y = sin(frequency·x) + noise_std·N(0, 1) with numpy's
-    ``default_rng(seed)``.
+    * ``sine``: training inputs evenly spaced on x_range (ends included), test inputs at the centres of
+      n_test equal cells of x_range, y = sin(frequency·x) + noise_std·N(0, 1) with numpy's
+      ``default_rng(seed)`` (held-out targets y_test: the same law at the test inputs).
+    * ``diabetes``: scikit-learn's bundled diabetes data (442 patients; no download): the ``features``
+      columns and the target, each standardized to mean 0 and variance 1 over all rows; rows shuffled
+      with ``default_rng(seed)``, the first n_train train, the next n_test are held out.
+    * ``file``: a ``.npz`` with arrays ``X`` (N, n_0) and ``y`` (N, n_L) (or (N,)), optionally ``X_test``
+      and ``y_test``; or a ``.csv`` with a header row, ``target`` (default: the last column) and
+      ``features`` (default: all other columns).  Without ``X_test`` the rows are shuffled with
+      ``seed`` and split n_train / n_test.  Used as given (not standardized).
     """
     d = cfg["data"]
-    lo, hi = d["x_range"]
-    x = np.linspace(lo, hi, d["n_train"])
-    if d["n_train"] == 1:
-        x = np.array([(lo + hi) / 2])
-    x_test = lo + (np.arange(d["n_test"]) + 0.5) * (hi - lo) / d["n_test"]
-    rng = np.random.default_rng(d["seed"])
-    y = np.sin(d["frequency"] * x) + d["noise_std"] * rng.standard_normal(x.shape)
-    return Data(x[:, None], y[:, None], x_test[:, None], np.sin(d["frequency"] * x_test)[:, None])
+    gen = d["generator"]
+    if gen == "sine":
+        lo, hi = d["x_range"]
+        x = np.linspace(lo, hi, d["n_train"])
+        if d["n_train"] == 1:
+            x = np.array([(lo + hi) / 2])
+        x_test = lo + (np.arange(d["n_test"]) + 0.5) * (hi - lo) / d["n_test"]
+        rng = np.random.default_rng(d["seed"])
+        y = np.sin(d["frequency"] * x) + d["noise_std"] * rng.standard_normal(x.shape)
+        f_test = np.sin(d["frequency"] * x_test)
+        y_test = f_test + d["noise_std"] * rng.standard_normal(x_test.shape)
+        desc = (
+            f"sine, y = sin({d['frequency']:g}·x) + {d['noise_std']:g}·noise (seed {d['seed']}); "
+            f"{d['n_train']} training inputs on [{lo:g}, {hi:g}], {d['n_test']} test inputs"
+        )
+        return Data(x[:, None], y[:, None], x_test[:, None], f_test[:, None], y_test[:, None], desc)
+    if gen == "diabetes":
+        X_all, y_all, names, desc = _diabetes(cfg)
+        return _split(cfg, X_all, y_all, None, None, desc, names)
+    return _read_file(cfg)
 
 
-# ------------------------------------------------------------------------------------------------
-# Progress, warnings, statistics.
+def _data_error(cfg: Config, key: str, problem: str, fix: str) -> SpecError:
+    return SpecError(f"{cfg.where_spec('data', key)}: {problem}. Fix: {fix}.")
 
 
-class _Log:
-    """Progress lines with elapsed time; library warnings are shown as notes, never raised."""
-
-    def __init__(self, stream=None):
-        self.t0 = time.perf_counter()
-        self.stream = stream or sys.stdout
-        self.timings: dict[str, float] = {}
-        self.warnings: list[str] = []
-
-    def line(self, msg=""):
-        print(msg, file=self.stream, flush=True)
-
-    def detail(self, msg):
-        self.line(" " * 10 + msg)
-
-    @contextlib.contextmanager
-    def stage(self, name, msg):
-        start = time.perf_counter()
-        print(f"[{start - self.t0:6.1f}s] {msg} ...", end="", file=self.stream, flush=True)
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                yield
-        except BaseException:
-            print(" failed", file=self.stream, flush=True)
-            raise
-        dt = time.perf_counter() - start
-        self.timings[name] = dt
-        print(f" {dt:.1f}s", file=self.stream, flush=True)
-        for w in caught:
-            text = f"{w.category.__name__}: {w.message}"
-            if text not in self.warnings:
-                self.warnings.append(text)
-                self.detail(f"warning: {text}")
-
-    def total(self):
-        return time.perf_counter() - self.t0
-
-
-def _np(a) -> np.ndarray:
-    return np.asarray(a, dtype=np.float64)
-
-
-def _mean_se(s):
-    """Sample mean over axis 0 and its standard error."""
-    M = s.shape[0]
-    return s.mean(0), s.std(0, ddof=1) / math.sqrt(M)
-
-
-def _var_se(s):
-    """Sample variance over axis 0 and its standard error sqrt((m4 − s⁴)/M)."""
-    M = s.shape[0]
-    c = s - s.mean(0)
-    var = (c**2).sum(0) / (M - 1)
-    m4 = (c**4).mean(0)
-    return var, np.sqrt(np.maximum(m4 - var**2, 0.0) / M)
-
-
-def _finite(x):
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
-# ------------------------------------------------------------------------------------------------
-# The computation.
-
-
-def _smoke_from_env() -> bool:
-    return os.environ.get("EFT_PROB_SMOKE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _chunk(cfg: Config, section: str):
-    return cfg[section]["chunk_size"]  # None: the library's backend-aware default
-
-
-def _sizes(cfg: Config, smoke: bool) -> dict:
-    s = {
-        "prior_networks": cfg["prior"]["n_networks"],
-        "training_networks": cfg["training"]["n_networks"],
-        "steps": cfg["training"]["steps"],
-    }
-    if smoke:
-        s = {k: min(v, SMOKE_CAPS[k]) for k, v in s.items()}
-    return s
-
-
-def _header(log: _Log, cfg: Config, data: Data, sizes: dict, smoke: bool):
+def _diabetes(cfg: Config):
     d = cfg["data"]
-    log.line(f"spec: {cfg.source}")
-    log.line(f"model: {cfg.spec.describe()}")
-    log.line(
-        f"data: {d['generator']}, y = sin({d['frequency']:g}·x) + {d['noise_std']:g}·noise "
-        f"(seed {d['seed']}); "
-        f"{d['n_train']} training inputs on [{d['x_range'][0]:g}, {d['x_range'][1]:g}], "
-        f"{d['n_test']} test inputs"
+    try:
+        from sklearn.datasets import load_diabetes
+    except ImportError:
+        raise _data_error(
+            cfg,
+            "generator",
+            'generator = "diabetes" needs scikit-learn, which is not installed',
+            "pip install 'eft_prob[data]'",
+        ) from None
+    names = d["features"] or ["bmi", "bp", "s5"]
+    unknown = [n for n in names if n not in _DIABETES_FEATURES]
+    if unknown:
+        raise _data_error(
+            cfg,
+            "features",
+            f"{json.dumps(unknown[0])} is not a column of the diabetes data",
+            "use some of " + ", ".join(_DIABETES_FEATURES),
+        )
+    bunch = load_diabetes(scaled=False)
+    cols = [list(bunch.feature_names).index(n) for n in names]
+    X = np.asarray(bunch.data, np.float64)[:, cols]
+    y = np.asarray(bunch.target, np.float64)[:, None]
+    X = (X - X.mean(0)) / X.std(0)
+    y = (y - y.mean(0)) / y.std(0)
+    desc = (
+        f"scikit-learn diabetes data, features {', '.join(names)} and the disease-progression target, "
+        f"standardized; {d['n_train']} training and {d['n_test']} held-out patients (rows shuffled, seed {d['seed']})"
     )
-    if smoke:
-        log.line(
-            f"smoke mode (--smoke or EFT_PROB_SMOKE=1): {sizes['prior_networks']} prior networks, "
-            f"{sizes['training_networks']} trained networks, {sizes['steps']} GD steps"
+    return X, y, names, desc
+
+
+def _read_file(cfg: Config) -> Data:
+    d = cfg["data"]
+    path = d["path"] if os.path.isabs(d["path"]) else os.path.join(cfg.base_dir, d["path"])
+    shown = f"{d['path']} ({path})" if path != d["path"] else path
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".npz", ".csv"):
+        raise _data_error(cfg, "path", f"{shown} is neither a .npz nor a .csv file", "convert the data to one of them")
+    if not os.path.isfile(path):
+        raise _data_error(
+            cfg, "path", f"data file {shown} not found", "give the path relative to the spec file's directory"
         )
-
-
-def _theory(log: _Log, cfg: Config, data: Data, steps: int) -> dict:
-    """Infinite-width predictions on the test inputs (THEORY.md §3, §5.1, §8)."""
-    spec, lr = cfg.spec, cfg["training"]["learning_rate"]
-    noise_var = cfg["bayes"]["noise_var"]
-    X_all = np.concatenate([data.X, data.X_test])
-    nA = data.X.shape[0]
-    with log.stage("theory_kernels", f"theory: NNGP kernel K and NTK Θ on {X_all.shape[0]} inputs (train + test)"):
-        k = kernels(spec, X_all)
-        K, T = _np(k.nngp[-1]), _np(k.ntk[-1])
-        T_AA = T[:nA, :nA]
-        eig = np.linalg.eigvalsh(T_AA)
-        bound = float(stability_bound(jnp.asarray(T_AA)))
-    if not lr < bound:
-        raise SpecError(
-            f"{cfg.where('training', 'learning_rate')} = {lr:g} is at or above the gradient-descent "
-            "stability "
-            f"bound 2/λ_max(Θ̃) = {bound:.4g} of this model and training set, so GD would diverge. "
-            f"Fix: use a learning rate below {bound:.4g}, e.g. learning_rate = {_round_down(bound / 2)}."
-        )
-    log.detail(
-        f"NTK on the training inputs: eigenvalues {eig[0]:.4g} ... {eig[-1]:.4g} "
-        f"(condition number {eig[-1] / eig[0]:.3g})"
-    )
-    log.detail(f"GD stability bound 2/λ_max = {bound:.4g}; learning_rate = {lr:g} = {lr / bound:.2f} × bound")
-    # Expected training residual after `steps` steps: the trained distribution on the training inputs.
-    m_tr, S_tr = gd_moments(K[:nA, :nA], K[:nA, :nA], K[:nA, :nA], T_AA, T_AA, data.y, lr, steps)
-    resid = float(np.sqrt(np.mean((_np(m_tr) - data.y) ** 2 + np.diag(_np(S_tr))[:, None])))
-    log.detail(f"expected training residual after {steps} steps (infinite width): rms {resid:.2g}")
-
-    with log.stage(
-        "theory_distributions",
-        f"theory: prior N(0, K), GD-trained p(f) after {steps} steps, Bayesian posterior (noise_var {noise_var:g})",
-    ):
-        prior = NetworkPrior(spec, data.X_test)
-        trained = TrainedNetwork(spec, data.X, data.y, data.X_test, lr, steps)
-        bayes = BayesianPosterior(spec, data.X, data.y, data.X_test, noise_var)
-        out = {
-            "prior_variance": _np(prior.variance),
-            "trained_mean": _np(trained.mean),
-            "trained_variance": _np(trained.variance),
-            "bayes_mean": _np(bayes.mean),
-            "bayes_variance": _np(bayes.variance),
-        }
-    out.update(
-        ntk_eigenvalues=eig,
-        stability_bound=bound,
-        train_residual_rms=resid,
-        learning_rate=lr,
-        steps=steps,
-    )
-    return out
-
-
-def _round_down(x: float) -> str:
-    """A short number just below x (for suggestions)."""
-    digits = 2 - math.floor(math.log10(abs(x)))
-    return f"{math.floor(x * 10**digits) / 10**digits:g}"
-
-
-def _simulate(log: _Log, cfg: Config, data: Data, sizes: dict) -> dict:
-    spec = cfg.spec
-    Mp, Mt, steps = sizes["prior_networks"], sizes["training_networks"], sizes["steps"]
-    with log.stage("prior_ensemble", f"simulation: {Mp} networks drawn from the prior"):
-        prior = _np(
-            ensemble.prior_outputs(
-                spec, data.X_test, Mp, jax.random.key(cfg["prior"]["seed"]), chunk_size=_chunk(cfg, "prior")
-            )
-        )
-    with log.stage("trained_ensemble", f"simulation: {Mt} networks trained by full-batch GD, {steps} steps each"):
-        res = ensemble.train(
-            spec,
-            data.X,
-            data.y,
-            data.X_test,
-            Mt,
-            cfg["training"]["learning_rate"],
-            steps,
-            jax.random.key(cfg["training"]["seed"]),
-            chunk_size=_chunk(cfg, "training"),
-        )
-        test_final, train_final = _np(res.test_final), _np(res.train_final)
-    # diverged networks are stopped at their last finite state, so finite outputs alone do not mean converged
-    ok = ~np.asarray(res.diverged) & np.all(np.isfinite(test_final), axis=(1, 2))
-    diverged = int((~ok).sum())
-    resid = np.max(np.abs(train_final[ok] - data.y), axis=(1, 2)) if ok.any() else np.array([np.nan])
-    log.detail(
-        f"training residual max|f(x) - y| per network: median {np.median(resid):.2g}, "
-        f"worst {np.max(resid):.2g}" + (f"; {diverged} networks diverged (dropped)" if diverged else "")
-    )
-    if np.max(resid) >= 1e-4:
-        log.detail(
-            "note: not converged below 1e-4; the theory uses the same finite number of steps, so the "
-            "comparison below is still like for like"
-        )
-    if ok.sum() < 2:
-        raise SpecError(
-            f"{cfg.where('training', 'learning_rate')} = {cfg['training']['learning_rate']:g}: "
-            "fewer than two of "
-            f"the {Mt} trained networks stayed finite (finite-width NTKs exceed the infinite-width bound). "
-            "Fix: lower the learning rate."
-        )
-    return {"prior": prior, "trained": test_final[ok], "train_residual_max": resid, "diverged": diverged}
-
-
-def _compare(th: dict, sim: dict, data: Data) -> list[dict]:
-    rows = []
-    pv, pv_se = _var_se(sim["prior"])
-    tm, tm_se = _mean_se(sim["trained"])
-    tv, tv_se = _var_se(sim["trained"])
-    prior_sd = np.sqrt(th["prior_variance"])
-    N, nL = pv.shape
-    # Deviations are measured on the prior's scale (K for variances, √K for means): that is the scale
-    # of the O(L/n) corrections, also for the trained variance, which is itself much smaller than K.
-    for quantity, theory, est, se, scale in (
-        ("prior variance", th["prior_variance"], pv, pv_se, th["prior_variance"]),
-        ("trained mean", th["trained_mean"], tm, tm_se, prior_sd),
-        ("trained variance", th["trained_variance"], tv, tv_se, th["prior_variance"]),
-    ):
-        for a in range(N):
-            for i in range(nL):
-                dev = est[a, i] - theory[a, i]
-                # A floor on the s.e. at round-off level: deterministic outputs (a trained network on
-                # inputs its training data pins down) have zero spread in theory and in the ensemble.
-                se_z = max(se[a, i], _SE_FLOOR * scale[a, i])
-                rows.append(
-                    {
-                        "quantity": quantity,
-                        "x": float(data.X_test[a, 0]),
-                        "output": i,
-                        "theory": float(theory[a, i]),
-                        "ensemble": float(est[a, i]),
-                        "stderr": float(se[a, i]),
-                        "z": float(dev / se_z) if se_z > 0 else float("nan"),
-                        "scale": float(scale[a, i]),
-                        "dev_prior_scale": float(dev / scale[a, i]) if scale[a, i] > 0 else float("nan"),
-                    }
+    X_test = y_test = None
+    try:
+        if ext == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                missing = [k for k in ("X", "y") if k not in z.files]
+                if missing:
+                    raise _data_error(
+                        cfg, "path", f"{shown} has no array {missing[0]!r} (it has {z.files})", "store X and y"
+                    )
+                if ("X_test" in z.files) != ("y_test" in z.files):
+                    raise _data_error(cfg, "path", f"{shown} has only one of X_test, y_test", "store both or neither")
+                X, y = np.asarray(z["X"], np.float64), np.asarray(z["y"], np.float64)
+                if "X_test" in z.files:
+                    X_test, y_test = np.asarray(z["X_test"], np.float64), np.asarray(z["y_test"], np.float64)
+            names = [f"x{j}" for j in range(X.shape[1] if X.ndim == 2 else 1)]
+        else:
+            with open(path, encoding="utf-8") as f:
+                header = [h.strip() for h in f.readline().strip().split(",")]
+            table = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2, dtype=np.float64)
+            if table.shape[1] != len(header):
+                raise _data_error(
+                    cfg, "path", f"{shown}: {len(header)} header names but {table.shape[1]} columns", "fix the header"
                 )
-    return rows
+            target = d["target"] or header[-1]
+            if target not in header:
+                raise _data_error(cfg, "target", f"{shown} has no column {target!r} (it has {header})", "name one")
+            names = d["features"] or [h for h in header if h != target]
+            unknown = [n for n in names if n not in header or n == target]
+            if unknown:
+                raise _data_error(
+                    cfg,
+                    "features",
+                    f"{unknown[0]!r} is not an input column of {shown} (columns: {header})",
+                    "use the header's names, other than the target",
+                )
+            X = table[:, [header.index(n) for n in names]]
+            y = table[:, [header.index(target)]]
+    except SpecError:
+        raise
+    except (OSError, ValueError) as e:
+        raise _data_error(
+            cfg, "path", f"cannot read {shown} ({e})", "pass a .npz with X and y, or a numeric .csv with a header row"
+        ) from None
+    desc = f"{shown}: {d['n_train']} training and {d['n_test']} test rows"
+    return _split(cfg, X, y, X_test, y_test, desc, names)
 
 
-def _verdict(rows: list[dict], spec: MLPSpec) -> str:
-    z = np.array([abs(r["z"]) for r in rows])
-    rel = np.array([abs(r["dev_prior_scale"]) for r in rows])
-    bad = int(np.sum(~(z < _Z_FLAG)))
-    r = spec.aspect_ratio
-    if not spec.hidden:
-        expected = "a linear network (L = 1) is Gaussian at any width, so the theory is exact"
+def _split(cfg: Config, X, y, X_test, y_test, desc, names) -> Data:
+    d, m = cfg["data"], cfg["model"]
+    y = y[:, None] if y.ndim == 1 else y
+    if y_test is not None and y_test.ndim == 1:
+        y_test = y_test[:, None]
+    for label, a in (("X", X), ("y", y), ("X_test", X_test), ("y_test", y_test)):
+        if a is not None and (a.ndim != 2 or not np.all(np.isfinite(a))):
+            raise _data_error(cfg, "generator", f"the data's {label} must be a finite 2-D array", "clean the data")
+    if X.shape[0] != y.shape[0] or (X_test is not None and X_test.shape[0] != y_test.shape[0]):
+        raise _data_error(cfg, "generator", "the data's inputs and targets have different numbers of rows", "fix it")
+    if X.shape[1] != m["input_dim"]:
+        raise SpecError(
+            f"{cfg.where_spec('model', 'input_dim')} = {m['input_dim']} but the data have "
+            f"{X.shape[1]} input columns ({', '.join(names)}). Fix: set input_dim = {X.shape[1]}."
+        )
+    if y.shape[1] != m["output_dim"]:
+        raise SpecError(
+            f"{cfg.where_spec('model', 'output_dim')} = {m['output_dim']} but the data have {y.shape[1]} target "
+            f"column(s). Fix: set output_dim = {y.shape[1]}."
+        )
+    n_tr, n_te = d["n_train"], d["n_test"]
+    if X_test is None:
+        if n_tr + n_te > X.shape[0]:
+            raise _data_error(
+                cfg,
+                "n_train",
+                f"n_train + n_test = {n_tr + n_te} but the data have {X.shape[0]} rows",
+                f"use n_train + n_test <= {X.shape[0]}",
+            )
+        order = np.random.default_rng(d["seed"]).permutation(X.shape[0])
+        tr, te = order[:n_tr], order[n_tr : n_tr + n_te]
+        X, y, X_test, y_test = X[tr], y[tr], X[te], y[te]
     else:
-        rel_se = float(np.nanmedian([x["stderr"] / x["scale"] for x in rows]))
-        expected = (
-            f"at width n = {min(spec.hidden)} the 1/n corrections left out of the infinite-width theory "
-            f"shift these moments by O(L/n) = {r:.2g} of the prior scale (median standard error here: "
-            f"{rel_se:.2g} of that scale)"
-        )
-    if bad == 0:
-        return (
-            f"verdict: all {len(rows)} comparisons agree within {_Z_FLAG:g} standard errors "
-            f"(max |z| = {np.nanmax(z):.2f}); {expected}."
-        )
-    tail = (
-        "look for a problem (or rerun with other seeds: about 1 in 370 comparisons exceeds 3 s.e. by chance)"
-        if not spec.hidden
-        else "deviations of that order are expected and shrink like 1/n as the network is widened"
-    )
-    return (
-        f"verdict: {bad} of {len(rows)} comparisons deviate by more than {_Z_FLAG:g} standard errors "
-        f"(max |z| = {np.nanmax(z):.3g}, max deviation {np.nanmax(rel):.2g} of the prior scale); "
-        f"{expected} — {tail}."
-    )
-
-
-def _table(rows: list[dict], markdown: bool = False) -> str:
-    multi = any(r["output"] for r in rows)
-    head = ["quantity", "x"] + (["out"] if multi else []) + ["theory", "ensemble ± s.e.", "z", "dev/scale"]
-    body = []
-    for r in rows:
-        flag = " *" if not abs(r["z"]) < _Z_FLAG else ""
-        body.append(
-            [r["quantity"], f"{r['x']:.4g}"]
-            + ([str(r["output"])] if multi else [])
-            + [
-                f"{r['theory']:.5g}",
-                f"{r['ensemble']:.5g} ± {r['stderr']:.2g}",
-                f"{r['z']:+.2f}{flag}",
-                f"{r['dev_prior_scale']:+.2%}",
-            ]
-        )
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-        lines += ["| " + " | ".join(c.replace("*", "\\*") for c in row) + " |" for row in body]
-        return "\n".join(lines)
-    widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
-    left = {0}
-
-    def fmt(row):
-        return "  ".join(
-            c.ljust(w) if j in left else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths, strict=True))
-        )
-
-    return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(row) for row in body])
-
-
-_LEGEND = (
-    "z = (ensemble − theory)/s.e. (s.e. floored at 1e-8 of the scale), * marks |z| >= 3; "
-    "dev/scale = (ensemble − theory) on the prior's scale: "
-    "divided by K (the prior variance) for variances and by √K for means. Standard errors: s/√M for a "
-    "mean, √((m4 − s⁴)/M) for a variance (m4: fourth central moment)."
-)
+        if n_tr > X.shape[0] or n_te > X_test.shape[0]:
+            raise _data_error(
+                cfg,
+                "n_train",
+                f"n_train = {n_tr}, n_test = {n_te} but the file has {X.shape[0]} training and "
+                f"{X_test.shape[0]} test rows",
+                "lower them",
+            )
+        X, y, X_test, y_test = X[:n_tr], y[:n_tr], X_test[:n_te], y_test[:n_te]
+    return Data(X, y, X_test, y_test, y_test, desc)
 
 
 def _prediction_table(th: dict, data: Data) -> str:
-    head = ["x", "sin(ωx)", "prior sd", "GD-trained mean ± sd", "Bayes mean ± sd"]
+    target = "sin(ωx)" if data.one_d and data.y_test is not data.f_test else "y_test"
+    head = ["x" if data.one_d else "test point", target, "prior sd", "GD-trained mean ± sd", "Bayes mean ± sd"]
     body = []
     for a in range(data.X_test.shape[0]):
         for i in range(th["prior_variance"].shape[1]):
             body.append(
                 [
-                    f"{data.X_test[a, 0]:.4g}",
+                    f"{data.x_label(a):.4g}",
                     f"{data.f_test[a, i]:.4g}",
                     f"{math.sqrt(th['prior_variance'][a, i]):.4g}",
                     f"{th['trained_mean'][a, i]:.4g} ± {math.sqrt(max(th['trained_variance'][a, i], 0)):.3g}",
@@ -744,35 +725,47 @@ class _OutDir:
             with contextlib.suppress(OSError):
                 os.rmdir(self.path)
 
-    def write(self, files: dict[str, str]) -> list[str]:
+    def write(self, files: dict) -> list[str]:
+        """Write every file to a temporary name in DIR, then rename them all: a failure leaves none.
+
+        ``files``: name -> text, or name -> a function that writes the file at the path it is given.
+        """
         temps = {}
         try:
-            for name, text in files.items():
+            for name, content in files.items():
                 fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{name}.", suffix=".tmp")
                 temps[name] = tmp
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    f.write(text)
+                if callable(content):
+                    os.close(fd)
+                    content(tmp)
+                else:
+                    with os.fdopen(fd, "w", encoding="utf-8") as f:
+                        f.write(content)
             for name, tmp in temps.items():
                 os.replace(tmp, os.path.join(self.path, name))
-        except OSError as e:
+        except BaseException as e:
             for tmp in temps.values():
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
-            self.cleanup()
-            raise SpecError(
-                f"--out {self.path}: writing the summary failed ({e.strerror or e}). Fix: choose a "
-                "writable directory with free space."
-            ) from None
+            if isinstance(e, OSError):
+                raise SpecError(
+                    f"--out {self.path}: writing the results failed ({e.strerror or e}). Fix: choose a "
+                    "writable directory with free space."
+                ) from None
+            raise
         return [os.path.join(self.path, n) for n in files]
 
 
-def _summary(cfg, data, th, sim, rows, verdict, sizes, smoke, log) -> dict:
+def _summary(cfg, data, th, res, verdict, sizes, smoke, log) -> dict:
     f = lambda a: [[_finite(v) for v in row] for row in np.asarray(a)]
+    rows = res["rows"]
+    zs = [abs(r[f"z_order{k}"]) for r in rows for k in (0, 1) if r[f"z_order{k}"] is not None]
     return {
         "eft_prob_version": __version__,
         "spec_file": cfg.source,
         "smoke": smoke,
         "spec": cfg.tables,
+        "sizes": sizes,
         "model": {
             "description": cfg.spec.describe(),
             "widths": list(cfg.spec.widths),
@@ -780,10 +773,11 @@ def _summary(cfg, data, th, sim, rows, verdict, sizes, smoke, log) -> dict:
             "aspect_ratio": cfg.spec.aspect_ratio,
         },
         "data": {
-            "x_train": data.X[:, 0].tolist(),
+            "description": data.description,
+            "X_train": f(data.X),
             "y_train": f(data.y),
-            "x_test": data.X_test[:, 0].tolist(),
-            "f_test": f(data.f_test),
+            "X_test": f(data.X_test),
+            "y_test": f(data.y_test),
         },
         "theory": {
             "stability_bound": th["stability_bound"],
@@ -793,65 +787,468 @@ def _summary(cfg, data, th, sim, rows, verdict, sizes, smoke, log) -> dict:
             "train_residual_rms": _finite(th["train_residual_rms"]),
             **{
                 k: f(th[k])
-                for k in (
-                    "prior_variance",
-                    "trained_mean",
-                    "trained_variance",
-                    "bayes_mean",
-                    "bayes_variance",
-                )
+                for k in ("prior_variance", "trained_mean", "trained_variance", "bayes_mean", "bayes_variance")
             },
+            "unavailable": res["unavailable"],
         },
-        "ensemble": {
-            "prior_networks": sizes["prior_networks"],
-            "training_networks": sizes["training_networks"],
-            "steps": sizes["steps"],
-            "diverged": sim["diverged"],
-            "train_residual_max": _finite(np.max(sim["train_residual_max"])),
-            "train_residual_median": _finite(np.median(sim["train_residual_max"])),
-        },
+        "ensembles": res["facts"],
         "comparison": [{k: (_finite(v) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
-        "max_abs_z": _finite(np.nanmax([abs(r["z"]) for r in rows])),
+        "max_abs_z": _finite(max(zs)) if zs else None,
         "verdict": verdict,
         "warnings": list(log.warnings),
         "timings_s": {k: round(v, 3) for k, v in log.timings.items()},
     }
 
 
-def _markdown(summary: dict, rows: list[dict], predictions: str) -> str:
+def _markdown(summary: dict, rows: list[dict], predictions: str, runner) -> str:
     s = summary
-    return "\n".join(
-        [
-            "# eft-prob run summary",
-            "",
-            f"- spec: `{s['spec_file']}`" + (" (smoke mode)" if s["smoke"] else ""),
-            f"- model: {s['model']['description']}",
-            f"- ensembles: {s['ensemble']['prior_networks']} prior networks; "
-            f"{s['ensemble']['training_networks']} networks trained for {s['ensemble']['steps']} GD steps "
-            f"(learning rate {s['theory']['learning_rate']:g}, "
-            f"stability bound {s['theory']['stability_bound']:.4g})",
-            f"- training residual max|f − y|: worst network {s['ensemble']['train_residual_max']:.2g}",
-            "",
-            "## Infinite-width predictions on the test inputs",
-            "",
-            "```",
-            predictions,
-            "```",
-            "",
-            "## Theory (infinite width) vs ensembles, per test input",
-            "",
-            _table(rows, markdown=True),
-            "",
-            _LEGEND,
-            "",
-            s["verdict"],
-            "",
-        ]
-    )
+    sz = s["sizes"]
+    comps = s["spec"]["run"]["comparisons"]
+    lines = [
+        "# eft-prob run summary",
+        "",
+        f"- spec: `{s['spec_file']}`" + (" (smoke mode)" if s["smoke"] else ""),
+        f"- model: {s['model']['description']}",
+        f"- data: {s['data']['description']}",
+        f"- comparisons: {', '.join(comps)}",
+    ]
+    if "initialization" in comps:
+        lines.append(f"- prior ensemble: {sz['prior_networks']} networks")
+    if "training" in comps:
+        lines.append(
+            f"- trained ensemble: {sz['training_networks']} networks, {sz['steps']} full-batch GD steps "
+            f"(learning rate {s['theory']['learning_rate']:g}, stability bound {s['theory']['stability_bound']:.4g})"
+        )
+    if "bayes" in comps:
+        nuts = s["ensembles"].get("nuts", {})
+        lines.append(
+            f"- NUTS: {sz['num_chains']} chain(s) × ({sz['num_warmup']} warmup + {sz['num_samples']}) draws, "
+            f"{nuts.get('divergences', 0)} divergences"
+        )
+        lpd = s["ensembles"].get("log_predictive_density", {})
+        if lpd:
+            lines.append(
+                "- held-out log predictive density log p(y_test): "
+                + ", ".join(f"{k} {v:.4g}" for k, v in lpd.items() if v is not None)
+            )
+    lines += [
+        "",
+        "## Infinite-width predictions on the test inputs",
+        "",
+        "```",
+        predictions,
+        "```",
+        "",
+        "## Theory at order 0 and 1 vs samples, per test input",
+        "",
+        runner.table(rows, markdown=True),
+        "",
+        runner.LEGEND,
+        "",
+    ]
+    for name, why in s["theory"]["unavailable"].items():
+        lines.append(f"- n/a: `{name}`: {why}")
+    if s["warnings"]:
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in s["warnings"]]
+    lines += ["", s["verdict"], ""]
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------
 # Commands.
+
+
+# ------------------------------------------------------------------------------------------------
+# Progress and warnings.
+
+
+class _Log:
+    """The report on stdout; progress of the stages (with elapsed time) on stderr.  Library warnings
+    are shown as notes, never raised."""
+
+    def __init__(self, stream=None, progress=None):
+        self.t0 = time.perf_counter()
+        self.stream = stream or sys.stdout
+        self.progress = progress or sys.stderr
+        self.timings: dict[str, float] = {}
+        self.warnings: list[str] = []
+
+    def line(self, msg=""):
+        print(msg, file=self.stream, flush=True)
+
+    def detail(self, msg):
+        print(" " * 10 + msg, file=self.progress, flush=True)
+
+    def note(self, msg):
+        print(f"[{time.perf_counter() - self.t0:6.1f}s] {msg}", file=self.progress, flush=True)
+
+    def warn(self, text):
+        if text not in self.warnings:
+            self.warnings.append(text)
+            self.detail(f"warning: {text}")
+
+    @contextlib.contextmanager
+    def stage(self, name, msg):
+        """Time a step; yields a list that receives the texts of the warnings raised inside."""
+        start = time.perf_counter()
+        print(f"[{start - self.t0:6.1f}s] {msg} ...", file=self.progress, flush=True)
+        texts: list[str] = []
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                yield texts
+        except BaseException:
+            print(f"{'':9}{msg}: failed", file=self.progress, flush=True)
+            raise
+        dt = time.perf_counter() - start
+        self.timings[name] = self.timings.get(name, 0.0) + dt
+        print(f"{'':9}done in {dt:.1f}s", file=self.progress, flush=True)
+        for w in caught:
+            text = " ".join(f"{w.category.__name__}: {w.message}".split())
+            if text not in texts:
+                texts.append(text)
+            self.warn(text)
+
+    def total(self):
+        return time.perf_counter() - self.t0
+
+
+def _np(a) -> np.ndarray:
+    return np.asarray(a, dtype=np.float64)
+
+
+def _finite(x):
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+# ------------------------------------------------------------------------------------------------
+# The computation.
+
+
+def _smoke_from_env() -> bool:
+    return os.environ.get("EFT_PROB_SMOKE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _chunk(cfg: Config, section: str):
+    return cfg[section]["chunk_size"]  # None: the library's backend-aware default
+
+
+def _sizes(cfg: Config, smoke: bool) -> dict:
+    n = cfg["nuts"]
+    s = {
+        "prior_networks": cfg["prior"]["n_networks"],
+        "training_networks": cfg["training"]["n_networks"],
+        "steps": cfg["training"]["steps"],
+        "num_chains": n["num_chains"],
+        "num_warmup": n["num_warmup"],
+        "num_samples": n["num_samples"],
+        "theory_draws": cfg["run"]["theory_draws"],
+    }
+    if smoke:
+        s = {k: min(v, SMOKE_CAPS[k]) for k, v in s.items()}
+    return s
+
+
+def _widths(cfg: Config) -> list[int | None]:
+    """The sweep of [run] widths, or [None]: the spec's own hidden widths."""
+    return list(cfg["run"]["widths"] or [None])
+
+
+def _spec_at(cfg: Config, width: int | None) -> MLPSpec:
+    return cfg.spec if width is None else cfg.spec.replace(hidden=(width,) * len(cfg.spec.hidden))
+
+
+def _width_label(spec: MLPSpec) -> int:
+    return min(spec.hidden) if spec.hidden else 0
+
+
+def _header(log: _Log, cfg: Config, data: Data, sizes: dict, smoke: bool):
+    r = cfg["run"]
+    log.line(f"spec: {cfg.source}")
+    log.line(f"model: {cfg.spec.describe()}")
+    log.line(f"data: {data.description}")
+    if sizes:
+        log.line(
+            "comparisons: "
+            + ", ".join(r["comparisons"])
+            + (f"; hidden widths swept over {r['widths']}" if r["widths"] else "")
+        )
+    if smoke:
+        log.line(
+            f"smoke mode (--smoke or EFT_PROB_SMOKE=1): {sizes['prior_networks']} prior networks, "
+            f"{sizes['training_networks']} trained networks, {sizes['steps']} GD steps, NUTS "
+            f"{sizes['num_chains']}×({sizes['num_warmup']}+{sizes['num_samples']}), "
+            f"{sizes['theory_draws']} theory draws"
+        )
+
+
+def _theory(log: _Log, cfg: Config, data: Data, steps: int, strict: bool = True) -> dict:
+    """Infinite-width predictions on the test inputs (THEORY.md §3, §5.1, §8).
+
+    ``strict``: a learning rate at or above the GD stability bound is an error (training runs).
+    """
+    spec, lr = cfg.spec, cfg["training"]["learning_rate"]
+    noise_var = cfg["bayes"]["noise_var"]
+    X_all = np.concatenate([data.X, data.X_test])
+    nA = data.X.shape[0]
+    with log.stage("theory_kernels", f"theory: NNGP kernel K and NTK Θ on {X_all.shape[0]} inputs (train + test)"):
+        k = kernels(spec, X_all)
+        K, T = _np(k.nngp[-1]), _np(k.ntk[-1])
+        T_AA = T[:nA, :nA]
+        eig = np.linalg.eigvalsh(T_AA)
+        bound = float(stability_bound(jnp.asarray(T_AA)))
+    if strict and not lr < bound:
+        raise SpecError(
+            f"{cfg.where('training', 'learning_rate')} = {lr:g} is at or above the gradient-descent "
+            "stability "
+            f"bound 2/λ_max(Θ̃) = {bound:.4g} of this model and training set, so GD would diverge. "
+            f"Fix: use a learning rate below {bound:.4g}, e.g. learning_rate = {_round_down(bound / 2)}."
+        )
+    log.detail(
+        f"NTK on the training inputs: eigenvalues {eig[0]:.4g} ... {eig[-1]:.4g} "
+        f"(condition number {eig[-1] / eig[0]:.3g})"
+    )
+    log.detail(f"GD stability bound 2/λ_max = {bound:.4g}; learning_rate = {lr:g} = {lr / bound:.2f} × bound")
+    stable = lr < bound
+    with log.stage(
+        "theory_distributions",
+        f"theory: prior N(0, K), GD-trained p(f) after {steps} steps, Bayesian posterior (noise_var {noise_var:g})",
+    ):
+        prior = NetworkPrior(spec, data.X_test)
+        bayes = BayesianPosterior(spec, data.X, data.y, data.X_test, noise_var)
+        nan = np.full(data.X_test.shape[:1] + (spec.output_dim,), np.nan)
+        out = {
+            "prior_variance": _np(prior.variance),
+            "trained_mean": nan,
+            "trained_variance": nan,
+            "bayes_mean": _np(bayes.mean),
+            "bayes_variance": _np(bayes.variance),
+        }
+        resid = float("nan")
+        if stable:  # the trained law of a diverging GD is meaningless
+            trained = TrainedNetwork(spec, data.X, data.y, data.X_test, lr, steps)
+            out.update(trained_mean=_np(trained.mean), trained_variance=_np(trained.variance))
+            # Expected training residual after `steps` steps: the trained distribution on the training inputs.
+            m_tr, S_tr = gd_moments(K[:nA, :nA], K[:nA, :nA], K[:nA, :nA], T_AA, T_AA, data.y, lr, steps)
+            resid = float(np.sqrt(np.mean((_np(m_tr) - data.y) ** 2 + np.diag(_np(S_tr))[:, None])))
+    if stable:
+        log.detail(f"expected training residual after {steps} steps (infinite width): rms {resid:.2g}")
+    out.update(
+        ntk_eigenvalues=eig,
+        stability_bound=bound,
+        train_residual_rms=resid,
+        learning_rate=lr,
+        steps=steps,
+    )
+    return out
+
+
+def _round_down(x: float) -> str:
+    """A short number just below x (for suggestions)."""
+    digits = 2 - math.floor(math.log10(abs(x)))
+    return f"{math.floor(x * 10**digits) / 10**digits:g}"
+
+
+def _load_runner():
+    try:
+        from . import runner
+    except ImportError as e:
+        raise SpecError(
+            f"eft-prob run needs ArviZ, xarray and matplotlib ({e}). Fix: pip install 'eft_prob[arviz]'."
+        ) from None
+    return runner
+
+
+def _run_stage(log: _Log, ck, name: str, msg: str, compute):
+    """One checkpointed stage: ``compute()`` -> (groups, info); loaded instead when --resume finds it."""
+    if ck is not None and (hit := ck.load(name)) is not None:
+        groups, info = hit
+        log.note(f"{msg}: resumed from checkpoint {name} (skipped)")
+        for text in info.get("warnings", []):
+            log.warn(text)
+        return groups, info
+    with log.stage(name, msg) as texts:
+        groups, info = compute()
+    info = {**info, "warnings": texts}
+    if ck is not None:
+        ck.save(name, groups, info)
+    return groups, info
+
+
+def _stages(log: _Log, cfg: Config, data: Data, sizes: dict, th: dict, ck, runner) -> dict:
+    """Run (or resume) every stage the spec asks for; returns groups, rows, notes and facts."""
+    comps = cfg["run"]["comparisons"]
+    lr, steps, draws = cfg["training"]["learning_rate"], sizes["steps"], sizes["theory_draws"]
+    sweep = cfg["run"]["widths"] is not None
+    progress = runner.stderr_is_tty()
+    groups: dict = {}
+    reasons: dict = {}
+    rows: list = []
+    facts: dict = {"trained": {}}
+    for width in _widths(cfg) if ("initialization" in comps or "training" in comps) else []:
+        spec = _spec_at(cfg, width)
+        n = _width_label(spec)
+        sfx = f"_n{width}" if sweep else ""
+        at = f" (hidden width {width})" if sweep else ""
+        mine: dict = {}
+        if "initialization" in comps:
+
+            def prior_theory(spec=spec):
+                key = jax.random.key(cfg["prior"]["seed"] + 1000)
+                g = runner.prior_theory(spec, data.X_test, key, draws)
+                return {"prior_theory_order0": g["order0"], "prior_theory_order1": g["order1"]}, {}
+
+            g, _ = _run_stage(
+                log, ck, "prior_theory" + sfx, f"theory: prior at order 0 and 1 on each test input{at}", prior_theory
+            )
+            mine.update(g)
+            Mp = sizes["prior_networks"]
+            g, _ = _run_stage(
+                log,
+                ck,
+                "prior_ensemble" + sfx,
+                f"simulation: {Mp} networks drawn from the prior{at}",
+                lambda spec=spec, Mp=Mp: (
+                    {
+                        "prior_ensemble": runner.prior_ensemble(
+                            spec, data.X_test, Mp, cfg["prior"]["seed"], _chunk(cfg, "prior")
+                        )
+                    },
+                    {},
+                ),
+            )
+            mine.update(g)
+        if "training" in comps:
+
+            def trained_theory(spec=spec):
+                key = jax.random.key(cfg["training"]["seed"] + 1000)
+                g, why = runner.trained_theory(spec, data.X, data.y, data.X_test, lr, steps, key, draws)
+                return {f"trained_theory_{k}": v for k, v in g.items()}, {
+                    "unavailable": {f"trained_theory_{k}": v for k, v in why.items()}
+                }
+
+            g, info = _run_stage(
+                log,
+                ck,
+                "trained_theory" + sfx,
+                f"theory: GD-trained outputs after {steps} steps at order 0 and 1{at}",
+                trained_theory,
+            )
+            mine.update(g)
+            reasons.update({k + sfx: v for k, v in info["unavailable"].items()})
+            for k, v in info["unavailable"].items():
+                log.detail(f"note: {k} not available: {v}")
+            Mt = sizes["training_networks"]
+            stage = "trained_ensemble" + sfx
+            train_ck = ck.train_dir(stage) if ck is not None else None
+
+            def trained_ensemble(spec=spec, Mt=Mt, train_ck=train_ck):
+                g = runner.trained_ensemble(
+                    spec,
+                    data,
+                    Mt,
+                    lr,
+                    steps,
+                    cfg["training"]["seed"],
+                    _chunk(cfg, "training"),
+                    train_ck,
+                    progress,
+                )
+                return {"trained_ensemble": g}, {}
+
+            g, _ = _run_stage(
+                log,
+                ck,
+                stage,
+                f"simulation: {Mt} networks trained by full-batch GD, {steps} steps each{at}",
+                trained_ensemble,
+            )
+            mine.update(g)
+            ens = g["trained_ensemble"]
+            resid = _np(ens["train_residual"].values)
+            diverged = int(ens.attrs["diverged"])
+            facts["trained"][n] = {
+                "diverged": diverged,
+                "train_residual_max": _finite(resid.max()) if resid.size else None,
+                "train_residual_median": _finite(np.median(resid)) if resid.size else None,
+            }
+            if resid.size:
+                log.detail(
+                    f"training residual max|f(x) - y| per network: median {np.median(resid):.2g}, "
+                    f"worst {np.max(resid):.2g}" + (f"; {diverged} networks diverged (dropped)" if diverged else "")
+                )
+            if resid.size < 2:
+                raise SpecError(
+                    f"{cfg.where('training', 'learning_rate')} = {lr:g}: fewer than two of the {Mt} trained "
+                    "networks stayed finite (finite-width NTKs exceed the infinite-width bound). Fix: lower the "
+                    "learning rate."
+                )
+        local_reasons = {k: v for k, v in reasons.items() if k.endswith(sfx)}
+        rows += runner.compare_ensembles(
+            data,
+            n,
+            th["prior_variance"],
+            mine,
+            {k[: len(k) - len(sfx)] if sfx else k: v for k, v in local_reasons.items()},
+        )
+        groups.update({k + sfx: v for k, v in mine.items()})
+
+    if "bayes" in comps:
+        from .compare import log_predictive_density
+
+        noise_var = cfg["bayes"]["noise_var"]
+
+        def bayes_theory():
+            key = jax.random.key(cfg["nuts"]["seed"] + 1000)
+            g, why, lpd = runner.bayes_theory(cfg.spec, data.X, data.y, data.X_test, noise_var, key, draws, data.y_test)
+            return {f"bayes_theory_{k}": v for k, v in g.items()}, {
+                "unavailable": {f"bayes_theory_{k}": v for k, v in why.items()},
+                "lpd": {f"bayes_theory_{k}": v for k, v in lpd.items()},
+            }
+
+        g, info = _run_stage(
+            log,
+            ck,
+            "bayes_theory",
+            f"theory: Bayesian posterior at order 0 and 1 (noise_var {noise_var:g})",
+            bayes_theory,
+        )
+        groups.update(g)
+        reasons.update(info["unavailable"])
+        lpd_theory = info["lpd"]
+        for k, v in info["unavailable"].items():
+            log.detail(f"note: {k} not available: {v}")
+        nuts_cfg = {
+            **{k: sizes[k] for k in ("num_chains", "num_warmup", "num_samples")},
+            "seed": cfg["nuts"]["seed"],
+            "target_accept": cfg["nuts"]["target_accept"],
+        }
+        g, _ = _run_stage(
+            log,
+            ck,
+            "nuts",
+            f"simulation: NUTS posterior of the network, {nuts_cfg['num_chains']} chain(s) × "
+            f"({nuts_cfg['num_warmup']} warmup + {nuts_cfg['num_samples']}) draws",
+            lambda: (runner.nuts(cfg.spec, data, noise_var, nuts_cfg, progress), {}),
+        )
+        groups.update(g)
+        names = ["bayes_theory_order0", "bayes_theory_order1" if "bayes_theory_order1" in groups else None]
+        idata = runner.as_idata({k: v for k, v in groups.items() if k in g or k in names})
+        rows += runner.compare_nuts(data, _width_label(cfg.spec), th["prior_variance"], idata, names, reasons)
+        post = g["posterior"]
+        facts["nuts"] = {
+            "divergences": int(np.asarray(g["sample_stats"]["diverging"].values).sum()),
+            "sampling_time_s": _finite(post.attrs.get("sampling_time_s", float("nan"))),
+            "chain_method": str(post.attrs.get("chain_method", "")),
+        }
+        facts["log_predictive_density"] = {
+            "nuts": _finite(log_predictive_density(idata, data.y_test, noise_var=noise_var)),
+            **{k: _finite(v) for k, v in lpd_theory.items()},
+        }
+    return {"groups": groups, "rows": rows, "unavailable": reasons, "facts": facts}
 
 
 def _cmd_theory(args, log: _Log) -> int:
@@ -860,47 +1257,154 @@ def _cmd_theory(args, log: _Log) -> int:
     data = make_data(cfg)
     steps = cfg["training"]["steps"]
     _header(log, cfg, data, {}, False)
-    th = _theory(log, cfg, data, steps)
+    th = _theory(log, cfg, data, steps, strict=False)
     log.line()
     log.line("Infinite-width predictions on the test inputs:")
     log.line(_prediction_table(th, data))
+    if not cfg["training"]["learning_rate"] < th["stability_bound"]:
+        log.line(
+            f"note: learning_rate = {cfg['training']['learning_rate']:g} is at or above the GD stability bound "
+            f"{th['stability_bound']:.4g}: `eft-prob run` would refuse it."
+        )
     log.line(f"total {log.total():.1f}s")
     return 0
+
+
+def _fingerprint_payload(cfg: Config, data: Data, sizes: dict) -> dict:
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in (data.X, data.y, data.X_test, data.y_test):
+        h.update(np.ascontiguousarray(a, np.float64).tobytes())
+    return {
+        **{s: cfg.tables[s] for s in cfg.tables},
+        "sizes": sizes,
+        "data_sha256": h.hexdigest()[:16],
+        "eft_prob_version": __version__,
+    }
 
 
 def _cmd_run(args, log: _Log) -> int:
     cfg = load_spec(args.spec)
     smoke = bool(args.smoke) or _smoke_from_env()
-    out = _OutDir(args.out) if args.out else None
-    try:
-        enable_x64()
-        sizes = _sizes(cfg, smoke)
+    sizes = _sizes(cfg, smoke)
+    if args.check:
         data = make_data(cfg)
         _header(log, cfg, data, sizes, smoke)
-        th = _theory(log, cfg, data, sizes["steps"])
-        sim = _simulate(log, cfg, data, sizes)
-        rows = _compare(th, sim, data)
-        verdict = _verdict(rows, cfg.spec)
+        log.line(f"spec OK: {cfg.source} is valid; nothing was computed (drop --check to run it).")
+        return 0
+    if args.resume and not args.out:
+        raise SpecError("--resume needs --out DIR (the directory of the interrupted run). Fix: add --out DIR.")
+    runner = _load_runner()
+    out = _OutDir(args.out) if args.out else None
+    ck = None
+    try:
+        enable_x64()
+        data = make_data(cfg)
+        _header(log, cfg, data, sizes, smoke)
+        th = _theory(log, cfg, data, sizes["steps"], strict="training" in cfg["run"]["comparisons"])
+        if out:
+            payload = _fingerprint_payload(cfg, data, sizes)
+            try:
+                ck = runner.Checkpoints(out.path, runner.fingerprint(payload), payload, bool(args.resume))
+            except runner.StageError as e:
+                raise SpecError(str(e)) from None
+            except OSError as e:
+                raise SpecError(
+                    f"--out {out.path}: cannot write checkpoints ({e.strerror or e}). Fix: choose a writable directory."
+                ) from None
+        res = _stages(log, cfg, data, sizes, th, ck, runner)
+        rows = res["rows"]
+        verdict = runner.verdict(rows, cfg.spec.aspect_ratio)
         log.line()
         log.line("Infinite-width predictions on the test inputs:")
         log.line(_prediction_table(th, data))
         log.line()
-        log.line("Theory (infinite width) vs ensembles of real networks, per test input:")
-        log.line(_table(rows))
-        log.line(_LEGEND)
+        log.line("Theory (order 0: infinite width; order 1: with the 1/n corrections) vs samples, per test input:")
+        log.line(runner.table(rows))
+        log.line(runner.LEGEND)
+        for name, why in res["unavailable"].items():
+            log.line(f"n/a: {name}: {why}")
+        if "log_predictive_density" in res["facts"]:
+            lpd = res["facts"]["log_predictive_density"]
+            log.line(
+                "held-out log predictive density log p(y_test): "
+                + ", ".join(f"{k} {v:.4g}" for k, v in lpd.items() if v is not None)
+            )
         log.line(verdict)
         if out:
-            summary = _summary(cfg, data, th, sim, rows, verdict, sizes, smoke, log)
-            text = json.dumps(summary, indent=2, allow_nan=False) + "\n"
-            md = _markdown(summary, rows, _prediction_table(th, data))
-            paths = out.write({"summary.json": text, "summary.md": md})
-            log.line("wrote " + " and ".join(paths))
-    except BaseException:
+            summary = _summary(cfg, data, th, res, verdict, sizes, smoke, log)
+            with log.stage("outputs", f"writing results.nc, summary.json, summary.md and plots to {out.path}"):
+                paths = _write_outputs(out, runner, cfg, data, res, summary, _prediction_table(th, data))
+            log.line("wrote " + ", ".join(paths))
+    except SpecError:
+        if ck is not None and ck.created:
+            ck.remove()
         if out:
             out.cleanup()
         raise
+    except BaseException:
+        if ck is not None and os.path.isdir(ck.path) and len(os.listdir(ck.path)) > 1:
+            print(
+                f"eft-prob: the finished stages are saved in {ck.path}; rerun with --resume --out {out.path} "
+                "to continue",
+                file=sys.stderr,
+                flush=True,
+            )
+        else:
+            if ck is not None:
+                ck.remove()
+            if out:
+                out.cleanup()
+        raise
     log.line(f"total {log.total():.1f}s")
     return 0
+
+
+def _write_outputs(out, runner, cfg, data, res, summary, predictions) -> list[str]:
+    groups, rows = res["groups"], res["rows"]
+    files = {}
+    attrs = {
+        "eft_prob_version": __version__,
+        "spec_file": cfg.source,
+        "spec": json.dumps(cfg.tables),
+        "smoke": int(summary["smoke"]),
+        "created_by": "eft-prob run",
+    }
+    files["results.nc"] = lambda tmp: runner.write_idata(tmp, groups, attrs)
+    files["summary.json"] = json.dumps(summary, indent=2, allow_nan=False) + "\n"
+    files["summary.md"] = _markdown(summary, rows, predictions, runner)
+    panels = _density_panels(cfg, groups)
+    if panels:
+        files["densities.png"] = lambda tmp: runner.plot_densities(tmp, data, panels)
+    if "posterior" in groups:
+        idata = runner.as_idata({k: groups[k] for k in groups if k in runner.NUTS_GROUPS})
+        files["ppc.png"] = lambda tmp: runner.plot_ppc(tmp, idata)
+    if cfg["run"]["widths"] is not None and len(cfg["run"]["widths"]) > 1:
+        files["scaling.png"] = lambda tmp: runner.plot_scaling(tmp, rows)
+    return out.write(files)
+
+
+def _density_panels(cfg: Config, groups: dict) -> list:
+    """(title, sample label, sample group, {label: theory group}) per comparison, at the first width."""
+    w = _widths(cfg)[0]
+    sfx = f"_n{w}" if cfg["run"]["widths"] is not None else ""
+    n = _width_label(_spec_at(cfg, w))
+    panels = []
+    for title, samples, label, theory in (
+        (f"prior, n={n}", "prior_ensemble", "networks at init", "prior_theory"),
+        (f"trained, n={n}", "trained_ensemble", "trained networks", "trained_theory"),
+    ):
+        if samples + sfx in groups:
+            th = {
+                f"order {k}": groups[f"{theory}_order{k}{sfx}"] for k in (0, 1) if f"{theory}_order{k}{sfx}" in groups
+            }
+            panels.append((title, label, groups[samples + sfx], th))
+    if "posterior" in groups:
+        n = _width_label(cfg.spec)
+        th = {f"order {k}": groups[f"bayes_theory_order{k}"] for k in (0, 1) if f"bayes_theory_order{k}" in groups}
+        panels.append((f"posterior, n={n}", "NUTS", groups["posterior"], th))
+    return panels
 
 
 def _cmd_criticality(args, log: _Log) -> int:
@@ -970,50 +1474,76 @@ _CLASS_NOTES = {
 _SPEC_HELP = (
     "a TOML model spec (default: the packaged default, a copy of models/default.toml). Sections: "
     "[model] architecture and initialization (input_dim, hidden, output_dim, activation, C_b, C_W, "
-    "lambda_b, lambda_W); [data] the synthetic data set; [prior] and [training] ensemble sizes, "
-    "seeds, learning rate and steps; [bayes] noise_var. Keys left out take the default's values."
+    "lambda_b, lambda_W); [run] comparisons, an optional widths sweep, theory_draws; [data] the data "
+    "(generator sine, diabetes or file); [prior] and [training] ensemble sizes, seeds, learning rate "
+    "and steps; [bayes] noise_var; [nuts] chains, warmup, draws, seed. Keys left out take the "
+    "default's values. More examples: models/*.toml."
 )
 
 _DESCRIPTION = """\
-Compare the effective theory of deep MLPs (Roberts & Yaida) at infinite width with ensembles of
-real networks.  For a network described by a TOML spec and a small synthetic regression problem,
-eft-prob computes, on every test input, the distribution of the network output
+Compare the effective theory of deep MLPs (Roberts & Yaida, "The Principles of Deep Learning
+Theory") with real networks.  For a network and a regression data set described by a TOML spec,
+eft-prob computes the distribution of the network output f(x) on every test input
 
-  * at initialization (prior): Gaussian with variance K, the NNGP kernel;
-  * after full-batch gradient descent: Gaussian, from the frozen neural tangent kernel Θ;
-  * under Bayesian inference with the same prior (Gaussian-process regression with K);
+  * at initialization (the prior),
+  * after full-batch gradient descent (trained networks),
+  * under Bayesian inference (the posterior),
 
-and checks the first two against networks drawn from the prior and networks actually trained."""
+both at infinite width (order 0: Gaussian, from the NNGP kernel K and the neural tangent kernel Θ)
+and with the 1/n corrections of a finite width n (order 1), and checks them against networks drawn
+from the prior, networks actually trained, and a NUTS posterior of the finite network."""
 
 _EPILOG = """\
 examples:
-  eft-prob run                       the default spec (models/default.toml): ~40 s on a 2-core CPU
-  eft-prob run --smoke --out out/    ~10 s, mostly compilation; writes out/summary.{json,md}
-  eft-prob theory models/my.toml     the analytic predictions of a spec, no simulation
+  eft-prob run                          the default spec (models/default.toml): ~1-2 min on 2 CPU cores
+  eft-prob run --smoke --out out/       small sizes, ~30 s (mostly compilation); writes out/results.nc,
+                                        out/summary.{json,md} and out/*.png
+  eft-prob run models/bayesian.toml --out bayes/     NUTS posterior vs the posterior theory
+  eft-prob run models/training.toml --out sweep/     a width sweep with the 1/n scaling plot
+  eft-prob run my.toml --check          validate a spec, compute nothing
+  eft-prob theory models/my.toml        the infinite-width predictions of a spec, no simulation
+  eft-prob criticality tanh             universality class and critical initialization
 
 exit status: 0 success, 2 a problem with the spec, the command line or the output directory
-(one line on stderr names the file, the key and the fix).
+(one line on stderr names the file, the key and the fix), 130 interrupted.
 """
 
 _RUN_DESCRIPTION = """\
-Theory, simulation and comparison for one spec:
+Theory, simulation and comparison for one spec ([run] comparisons picks the parts):
 
-  1. theory (float64, infinite width): NNGP kernel K and NTK Θ on the training and test inputs;
-     the GD stability bound 2/λ_max(Θ̃) (the learning rate must be below it); the prior N(0, K);
-     the distribution of GD-trained outputs after the spec's number of steps; the Bayesian
-     posterior with observation noise noise_var;
-  2. simulation: [prior] n_networks networks drawn at initialization and [training] n_networks
+  1. theory (float64): NNGP kernel K and NTK Θ on the training and test inputs, the GD stability
+     bound 2/λ_max(Θ̃) (the learning rate must be below it); then, at order 0 (infinite width)
+     and order 1 (O(1/n), at the spec's width):
+       initialization  NetworkPrior(spec, X, order): variance and fourth cumulant of f(x);
+       training        TrainedNetwork(..., learning_rate, steps, order): mean and variance of the
+                       trained f(x) (order 1 needs a smooth activation; otherwise reported n/a);
+       bayes           BayesianPosterior(..., noise_var, order): posterior mean and variance;
+  2. simulation: [prior] n_networks networks drawn at initialization; [training] n_networks
      networks trained by full-batch GD (learning rates η·λ_b and η·λ_W/fan-in) on ½Σ(f − y)²;
-  3. comparison on each test input of the prior variance, trained mean and trained variance:
-     theory, ensemble estimate ± Monte Carlo standard error, z-score, and the deviation on the
-     prior's scale; then a one-line verdict.
+     a NUTS posterior over the weights ([nuts]);
+  3. comparison on each test input: theory at order 0 and 1, the sample estimate ± standard error,
+     and the z-score against each order, then a verdict.  At finite width the order-0 theory is
+     off by O(L/n) (depth over width); order 1 should remove most of that.
 
-At finite width n the theory is exact only up to corrections of order L/n (depth over width) on
-the prior's scale, so small but significant deviations are expected for narrow networks.  The
-trained moments are more sensitive: NTK fluctuations reach them through the inverse training NTK,
-amplified by its condition number (printed in step 1)."""
+With --out DIR the run writes (each file atomically; nothing partial is left on failure):
+  results.nc     one ArviZ InferenceData (netCDF): groups prior_ensemble, trained_ensemble,
+                 posterior, ... (samples) and prior_theory_order0/1, trained_theory_order0/1,
+                 bayes_theory_order0/1 (draws, moments, marginal densities); open it with
+                 arviz.from_netcdf (arviz 0.23) or xarray.open_datatree (arviz 1.x)
+  summary.json   every number of the comparison table, the theory, warnings, timings
+  summary.md     the same as a readable report
+  densities.png  histograms of the samples vs the theory's densities at a few test inputs
+  ppc.png        posterior predictive check of the NUTS posterior (when "bayes" runs)
+  scaling.png    the error of order 0 and 1 against 1/n (when [run] widths sweeps >= 2 widths)
+Finished stages are checkpointed in DIR/.eft_prob_checkpoints; after an interruption, --resume
+continues from them (a changed spec is refused).  The directory can be deleted afterwards."""
 
 _RUN_EPILOG = """\
+examples:
+  eft-prob run --smoke --out /tmp/eft       quick check of the installation
+  eft-prob run models/relu.toml --out relu  ReLU: 1/n corrections to the prior's kurtosis
+  eft-prob run models/training.toml --out sweep --resume    continue an interrupted run
+
 performance: on the CPU backend the trained ensemble is compiled one network at a time and the
 prior ensemble 16 at a time (faster there than large batches); set chunk_size in [prior] or
 [training] to override.  The program computes in float64 (it calls eft_prob.enable_x64()).
@@ -1031,7 +1561,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser(
         "run",
-        help="theory + simulated ensembles + comparison table",
+        help="theory at order 0 and 1 + simulated networks (prior, trained, NUTS) + comparison",
         description=_RUN_DESCRIPTION,
         epilog=_RUN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -1040,14 +1570,21 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--out",
         metavar="DIR",
-        help="also write DIR/summary.json and DIR/summary.md (the same table); DIR is created if needed",
+        help="write results.nc, summary.json, summary.md and PNG plots to DIR (created if needed)",
+    )
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run in --out DIR: finished stages are loaded, not recomputed",
     )
     run.add_argument(
         "--smoke",
         action="store_true",
-        help=f"tiny ensembles and at most {SMOKE_CAPS['steps']} GD steps, for a check in a few seconds "
-        "(also EFT_PROB_SMOKE=1)",
+        help=f"small sizes ({SMOKE_CAPS['prior_networks']} prior and {SMOKE_CAPS['training_networks']} "
+        f"trained networks, at most {SMOKE_CAPS['steps']} GD steps, {SMOKE_CAPS['num_chains']} short NUTS "
+        "chain) for a check in well under a minute (also EFT_PROB_SMOKE=1)",
     )
+    run.add_argument("--check", action="store_true", help="validate SPEC (and its data) and exit; computes nothing")
     th = sub.add_parser(
         "theory",
         help="the analytic (infinite-width) predictions only",

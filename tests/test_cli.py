@@ -27,8 +27,9 @@ def _write(tmp_path, text, name="spec.toml"):
 
 
 def _one_line_error(capsys):
+    """The one error line on stderr (progress lines of the stages before it may precede it)."""
     err = capsys.readouterr().err
-    lines = err.strip().splitlines()
+    lines = [x for x in err.strip().splitlines() if x.startswith("eft-prob:")]
     assert len(lines) == 1, err
     assert lines[0].startswith("eft-prob: error: ")
     assert "Traceback" not in err and "Fix:" in lines[0]
@@ -38,54 +39,204 @@ def _one_line_error(capsys):
 # -- the default run ------------------------------------------------------------------------------
 
 
-def test_default_run_smoke_writes_summary(tmp_path, capsys):
+def _open_results(path):
+    from eft_prob import _arviz, runner
+
+    idata = runner.read_idata(str(path))
+    return idata, set(_arviz.group_names(idata)), _arviz
+
+
+@pytest.mark.slow
+def test_default_run_smoke_writes_results_and_resumes(tmp_path, capsys):
+    """Smoke run of the packaged default: results.nc (groups), summary.json/md, densities.png; a rerun
+    with --resume skips every stage and reproduces the numbers; a changed spec is refused."""
     out = tmp_path / "results" / "run1"  # parents are created
     assert cli.main(["run", "--smoke", "--out", str(out)]) == 0
-    stdout = capsys.readouterr().out
-    assert "theory: NNGP kernel" in stdout and "simulation:" in stdout
-    assert "verdict:" in stdout and "L/n" in stdout
-    assert sorted(os.listdir(out)) == ["summary.json", "summary.md"]  # no temporary files left
+    cap = capsys.readouterr()
+    assert "verdict:" in cap.out and "order 0" in cap.out and "z₁" in cap.out
+    assert "theory: NNGP kernel" in cap.err and "simulation:" in cap.err  # progress on stderr
+    assert sorted(p for p in os.listdir(out) if not p.startswith(".")) == [
+        "densities.png",
+        "results.nc",
+        "summary.json",
+        "summary.md",
+    ]
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]  # no temporary files left
+    assert (out / "densities.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    idata, groups, _arviz = _open_results(out / "results.nc")
+    expected = {
+        "prior_ensemble",
+        "trained_ensemble",
+        "prior_theory_order0",
+        "prior_theory_order1",
+        "trained_theory_order0",
+        "trained_theory_order1",
+    }
+    assert groups == expected
+    prior = _arviz.get_group(idata, "prior_ensemble")
+    assert prior["f_test"].shape == (1, cli.SMOKE_CAPS["prior_networks"], 4, 1)
+    t1 = _arviz.get_group(idata, "prior_theory_order1")
+    assert t1.attrs["eft_prob_theory"] == 1 and "fourth_cumulant" in t1
+    assert np.all(t1["fourth_cumulant"].values > 0)  # tanh: positive excess kurtosis at O(1/n)
 
     summary = json.loads((out / "summary.json").read_text())
-    for key in (
-        "spec",
-        "model",
-        "data",
-        "theory",
-        "ensemble",
-        "comparison",
-        "verdict",
-        "max_abs_z",
-        "timings_s",
-        "warnings",
-    ):
-        assert key in summary
-    assert summary["smoke"] is True
-    assert summary["warnings"] == []  # the default spec is numerically clean
-    assert summary["ensemble"]["training_networks"] == cli.SMOKE_CAPS["training_networks"]
-    assert summary["theory"]["learning_rate"] < summary["theory"]["stability_bound"]
-
+    assert summary["smoke"] is True and summary["theory"]["unavailable"] == {}
     rows = summary["comparison"]
     n_test = summary["spec"]["data"]["n_test"]
-    assert len(rows) == 3 * n_test
-    assert {r["quantity"] for r in rows} == {"prior variance", "trained mean", "trained variance"}
+    kinds = {(r["comparison"], r["quantity"]) for r in rows}
+    assert kinds == {
+        ("initialization", "mean"),
+        ("initialization", "variance"),
+        ("initialization", "fourth cumulant"),
+        ("training", "mean"),
+        ("training", "variance"),
+    }
+    assert len(rows) == 5 * n_test
     for r in rows:
-        for k in ("theory", "ensemble", "stderr", "z", "dev_prior_scale"):
+        for k in ("theory_order0", "theory_order1", "estimate", "stderr", "z_order0", "z_order1"):
             assert isinstance(r[k], float) and math.isfinite(r[k]), (k, r)
-        assert r["stderr"] > 0
-        assert r["z"] == pytest.approx((r["ensemble"] - r["theory"]) / max(r["stderr"], 1e-8 * r["scale"]))
-
+        for k in (0, 1):
+            se = max(r["stderr"], 1e-8 * r["scale"])
+            assert r[f"z_order{k}"] == pytest.approx((r["estimate"] - r[f"theory_order{k}"]) / se)
+    # the theory groups carry the same numbers as the table
+    var1 = [r["theory_order1"] for r in rows if r["comparison"] == "initialization" and r["quantity"] == "variance"]
+    np.testing.assert_allclose(var1, t1["variance"].values[:, 0], rtol=1e-12)
     md = (out / "summary.md").read_text()
-    assert "| quantity |" in md and summary["verdict"] in md
-    assert md.count("| prior variance |") == n_test
+    assert "| comparison |" in md and summary["verdict"] in md
+
+    # --resume: every stage is loaded from its checkpoint, the numbers are identical
+    mtime = (out / ".eft_prob_checkpoints" / "prior_ensemble.nc").stat().st_mtime_ns
+    assert cli.main(["run", "--smoke", "--out", str(out), "--resume"]) == 0
+    err = capsys.readouterr().err
+    for stage in ("prior_theory", "prior_ensemble", "trained_theory", "trained_ensemble"):
+        assert f"resumed from checkpoint {stage} (skipped)" in err
+    assert (out / ".eft_prob_checkpoints" / "prior_ensemble.nc").stat().st_mtime_ns == mtime
+    again = json.loads((out / "summary.json").read_text())
+    assert again["comparison"] == rows
+
+    # a changed spec is refused on --resume, naming the change, and the run is left as it was
+    spec = _write(tmp_path, "[training]\nsteps = 50\n")
+    assert cli.main(["run", spec, "--smoke", "--out", str(out), "--resume"]) == 2
+    line = _one_line_error(capsys)
+    assert "--resume" in line and "[training] steps" in line and "different spec" in line
+    assert json.loads((out / "summary.json").read_text())["comparison"] == rows
+
+
+@pytest.mark.slow
+def test_bayesian_spec_smoke_runs_nuts_and_writes_ppc(tmp_path, capsys):
+    """models/bayesian.toml in smoke mode, the NUTS part only (the prior part is tested above)."""
+    text = (REPO / "models" / "bayesian.toml").read_text()
+    assert 'comparisons = ["bayes", "initialization"]' in text
+    text = text.replace('comparisons = ["bayes", "initialization"]', 'comparisons = ["bayes"]')
+    text = text.replace("n_train = 6", "n_train = 4").replace("n_test = 4", "n_test = 2")  # a smaller mixture
+    spec = _write(tmp_path, text)
+    out = tmp_path / "bayes"
+    assert cli.main(["run", spec, "--smoke", "--out", str(out)]) == 0
+    capsys.readouterr()
+    files = sorted(p for p in os.listdir(out) if not p.startswith("."))
+    assert files == ["densities.png", "ppc.png", "results.nc", "summary.json", "summary.md"]
+    idata, groups, _arviz = _open_results(out / "results.nc")
+    assert {"posterior", "posterior_predictive", "sample_stats", "observed_data"} <= groups
+    assert {"bayes_theory_order0", "bayes_theory_order1"} <= groups and "prior_ensemble" not in groups
+    summary = json.loads((out / "summary.json").read_text())
+    bayes = [r for r in summary["comparison"] if r["comparison"] == "bayes"]
+    assert len(bayes) == 2 * summary["spec"]["data"]["n_test"]
+    assert all(r["theory_order1"] is not None for r in bayes)
+    lpd = summary["ensembles"]["log_predictive_density"]
+    assert set(lpd) == {"nuts", "bayes_theory_order0", "bayes_theory_order1"}
+    assert all(math.isfinite(v) for v in lpd.values())
 
 
 def test_theory_subcommand(capsys):
     assert cli.main(["theory"]) == 0
-    out = capsys.readouterr().out
-    assert "GD stability bound" in out
-    assert "GD-trained mean" in out and "Bayes mean" in out
-    assert "simulation:" not in out
+    cap = capsys.readouterr()
+    assert "GD stability bound" in cap.err
+    assert "GD-trained mean" in cap.out and "Bayes mean" in cap.out
+    assert "simulation:" not in cap.out + cap.err
+
+
+@pytest.mark.parametrize("name", ["default", "relu", "bayesian", "training", "diabetes"])
+def test_models_validate(name, capsys):
+    """Every spec under models/ loads (data included) and passes `eft-prob run --check`."""
+    path = str(REPO / "models" / f"{name}.toml")
+    cfg = cli.load_spec(path)
+    data = cli.make_data(cfg)
+    assert data.X.shape == (cfg["data"]["n_train"], cfg.spec.input_dim)
+    assert data.X_test.shape == (cfg["data"]["n_test"], cfg.spec.input_dim)
+    assert data.y_test.shape == (cfg["data"]["n_test"], cfg.spec.output_dim)
+    assert cli.main(["run", path, "--check"]) == 0
+    assert "spec OK" in capsys.readouterr().out
+
+
+def test_models_training_stable_and_sweeps():
+    """The specs that train use a learning rate below the GD stability bound; training.toml sweeps."""
+    for name in ("default", "relu", "training", "diabetes"):
+        cfg = cli.load_spec(str(REPO / "models" / f"{name}.toml"))
+        data = cli.make_data(cfg)
+        bound = float(stability_bound(kernels(cfg.spec, data.X).ntk[-1]))
+        assert cfg["training"]["learning_rate"] < 0.6 * bound, name
+    assert cli.load_spec(str(REPO / "models" / "training.toml"))["run"]["widths"] == [32, 64, 128]
+    assert "bayes" in cli.load_spec(str(REPO / "models" / "bayesian.toml"))["run"]["comparisons"]
+
+
+def test_diabetes_data_is_standardized_subset():
+    cfg = cli.load_spec(str(REPO / "models" / "diabetes.toml"))
+    data = cli.make_data(cfg)
+    from sklearn.datasets import load_diabetes
+
+    raw = load_diabetes(scaled=False)
+    cols = [list(raw.feature_names).index(n) for n in cfg["data"]["features"]]
+    Z = (raw.data[:, cols] - raw.data[:, cols].mean(0)) / raw.data[:, cols].std(0)
+    # every training and test row is a standardized row of the data set, none shared between the two
+    rows = [int(np.argmin(np.abs(Z - x).sum(1))) for x in np.concatenate([data.X, data.X_test])]
+    np.testing.assert_allclose(Z[rows], np.concatenate([data.X, data.X_test]), atol=1e-12)
+    assert len(set(rows)) == len(rows)
+    yz = (raw.target - raw.target.mean()) / raw.target.std()
+    np.testing.assert_allclose(yz[rows], np.concatenate([data.y, data.y_test])[:, 0], atol=1e-12)
+
+
+def test_diabetes_without_scikit_learn_names_the_extra(tmp_path, capsys, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_sklearn(name, *args, **kwargs):
+        if name.startswith("sklearn"):
+            raise ImportError("No module named 'sklearn'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_sklearn)
+    path = str(REPO / "models" / "diabetes.toml")
+    assert cli.main(["run", path, "--check"]) == 2
+    line = _one_line_error(capsys)
+    assert "pip install 'eft_prob[data]'" in line and "[data] generator" in line
+
+
+def test_data_from_npz_and_csv_relative_to_the_spec(tmp_path):
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((10, 2)), rng.standard_normal((10, 1))
+    (tmp_path / "sub").mkdir()
+    np.savez(tmp_path / "sub" / "d.npz", X=X, y=y, X_test=X[:3] + 1, y_test=y[:3])
+    model = "[model]\ninput_dim = 2\n"
+    spec = _write(tmp_path, model + '[data]\ngenerator = "file"\npath = "sub/d.npz"\nn_train = 6\nn_test = 2\n')
+    data = cli.make_data(cli.load_spec(spec))
+    np.testing.assert_array_equal(data.X, X[:6])
+    np.testing.assert_array_equal(data.X_test, X[:2] + 1)
+    np.testing.assert_array_equal(data.y_test, y[:2])
+
+    table = np.concatenate([X, y], axis=1)
+    np.savetxt(tmp_path / "d.csv", table, delimiter=",", header="a,b,target", comments="")
+    spec = _write(
+        tmp_path,
+        model + '[data]\ngenerator = "file"\npath = "d.csv"\ntarget = "target"\nn_train = 7\nn_test = 3\nseed = 4\n',
+        "csv.toml",
+    )
+    data = cli.make_data(cli.load_spec(spec))
+    both = np.concatenate([data.X, data.X_test])
+    order = np.random.default_rng(4).permutation(10)
+    np.testing.assert_allclose(both, X[order], rtol=1e-15)
+    np.testing.assert_allclose(np.concatenate([data.y, data.y_test]), y[order], rtol=1e-15)
 
 
 def test_default_learning_rate_is_about_half_the_stability_bound():
@@ -100,6 +251,15 @@ def test_default_learning_rate_is_about_half_the_stability_bound():
     m, S = gd_moments(K, K, K, T, T, data.y, lr, steps)
     resid = np.sqrt((np.asarray(m) - data.y) ** 2 + np.diag(np.asarray(S))[:, None])
     assert resid.max() < 1e-4
+
+
+def test_packaged_default_is_in_the_wheel_config():
+    """The default spec is package data under eft_prob/ (hatch ships the whole package directory)."""
+    import tomllib
+
+    cfg = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert cfg["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"] == ["eft_prob"]
+    assert (REPO / cli.DEFAULT_SPEC).is_file()
 
 
 def test_packaged_default_is_models_default():
@@ -145,6 +305,29 @@ def test_no_command_is_a_usage_error(capsys):
         ("[bayes]\nnoise_var = nan\n", ["noise_var", "finite"]),
         ("[model]\ninput_dim = 2\n", ["generator", "input_dim = 1"]),
         ("[model\n", ["not valid TOML"]),
+        ('[run]\ncomparisons = ["initialisation"]\n', ["comparisons", "unknown comparison", "initialization"]),
+        ("[run]\ncomparisons = []\n", ["comparisons", "at least one"]),
+        ('[run]\ncomparisons = ["bayes", "bayes"]\n', ["comparisons", "twice"]),
+        ('[run]\ncomparisons = "bayes"\n', ["comparisons", "list of strings"]),
+        ("[run]\nwidths = [32, 0]\n", ["widths[1]", ">= 1"]),
+        ("[run]\nwidths = []\n", ["widths", "empty"]),
+        ("[run]\nwidths = [32, 32]\n", ["widths", "twice"]),
+        ("[run]\ntheory_draws = 1\n", ["theory_draws", ">= 2"]),
+        ("[run]\nseed = 1\n", ["[run] seed", "unknown key"]),
+        ("[nuts]\nnum_chains = 0\n", ["num_chains", ">= 1"]),
+        ("[nuts]\nnum_samples = 1.5\n", ["num_samples", "integer"]),
+        ("[nuts]\ntarget_accept = 1.0\n", ["target_accept", "between 0 and 1"]),
+        ("[nuts]\nwarmup = 10\n", ["warmup", "did you mean 'num_warmup'"]),
+        ('[data]\ngenerator = "mnist"\n', ["generator", "diabetes"]),
+        ('[data]\ngenerator = "file"\n', ["path", ".npz"]),
+        ('[data]\ngenerator = "file"\npath = "missing.npz"\n', ["[data] path", "not found"]),
+        ('[data]\ngenerator = "file"\npath = "data.txt"\n', ["[data] path", ".csv"]),
+        ('[data]\npath = "x.npz"\n', ["[data] path", '"file"']),
+        ('[data]\ngenerator = "diabetes"\nfrequency = 2.0\n', ["frequency", '"sine"']),
+        ('[model]\ninput_dim = 3\n[data]\ngenerator = "diabetes"\nfeatures = ["bmi", "bpp", "s5"]\n', ["bpp", "bp"]),
+        ('[data]\ngenerator = "diabetes"\n', ["input_dim", "input_dim = 3"]),
+        ('[model]\ninput_dim = 3\n[data]\ngenerator = "diabetes"\nn_train = 440\n', ["n_train", "442"]),
+        ('[model]\ninput_dim = 3\n[data]\ngenerator = "diabetes"\nfeatures = []\n', ["features", "empty"]),
     ],
 )
 def test_invalid_spec_exits_2_naming_the_key(tmp_path, capsys, text, names):
@@ -192,33 +375,97 @@ def test_smoke_from_environment(monkeypatch):
     assert sizes == cli.SMOKE_CAPS
 
 
+def test_resume_needs_out(capsys):
+    assert cli.main(["run", "--resume"]) == 2
+    assert "--out" in _one_line_error(capsys)
+
+
+def test_outputs_are_all_or_nothing(tmp_path):
+    """A failure while writing the outputs (here: the third file) leaves none of them, nor temporaries."""
+    out = cli._OutDir(str(tmp_path / "o"))
+
+    def boom(path):
+        with open(path, "w") as f:
+            f.write("partial")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(cli.SpecError, match="No space left on device"):
+        out.write({"summary.json": "{}", "summary.md": "# x", "results.nc": boom})
+    assert os.listdir(tmp_path / "o") == []
+    def two(path):
+        with open(path, "w") as f:
+            f.write("2")
+
+    assert out.write({"a.txt": "1", "b.txt": two}) == [
+        str(tmp_path / "o" / "a.txt"),
+        str(tmp_path / "o" / "b.txt"),
+    ]
+    assert (tmp_path / "o" / "b.txt").read_text() == "2"
+
+
+def test_checkpoints_refuse_another_spec(tmp_path):
+    from eft_prob import runner
+
+    a = {"training": {"steps": 300}, "sizes": {"steps": 300}}
+    b = {"training": {"steps": 200}, "sizes": {"steps": 200}}
+    ck = runner.Checkpoints(str(tmp_path), runner.fingerprint(a), a, resume=False)
+    ck.save("stage", {"g": runner.f_group(np.ones((3, 2, 1)))}, {"x": 1})
+    again = runner.Checkpoints(str(tmp_path), runner.fingerprint(a), a, resume=True)
+    groups, info = again.load("stage")
+    np.testing.assert_array_equal(groups["g"]["f_test"].values, np.ones((1, 3, 2, 1)))
+    assert info == {"x": 1}
+    with pytest.raises(runner.StageError, match=r"\[training\] steps: 300 then, 200 now"):
+        runner.Checkpoints(str(tmp_path), runner.fingerprint(b), b, resume=True)
+    fresh = runner.Checkpoints(str(tmp_path), runner.fingerprint(b), b, resume=False)  # starts over
+    assert fresh.load("stage") is None
+
+
 # -- the statistics of the comparison table ------------------------------------------------------
 
 
 def test_variance_standard_error_matches_gaussian_formula():
+    from eft_prob import runner
+
     s = np.random.default_rng(0).standard_normal((200_000, 1, 1)) * 2.0
-    var, se = cli._var_se(s)
+    var, se = runner.var_se(s)
     assert var[0, 0] == pytest.approx(4.0, rel=0.02)
     assert se[0, 0] == pytest.approx(4.0 * np.sqrt(2 / s.shape[0]), rel=0.02)  # Var(s²) = 2σ⁴ for a Gaussian
 
 
+def test_fourth_cumulant_and_its_standard_error():
+    """κ₄ of the uniform law on (−√3, √3): −6/5; its standard error matches the spread over replicates."""
+    from eft_prob import runner
+
+    rng = np.random.default_rng(1)
+    reps = rng.uniform(-math.sqrt(3), math.sqrt(3), (300, 2000, 1, 1))
+    est = np.array([runner.k4_se(r)[0][0, 0] for r in reps])
+    ses = np.array([runner.k4_se(r)[1][0, 0] for r in reps])
+    assert est.mean() == pytest.approx(-1.2, abs=4 * est.std() / np.sqrt(len(est)))
+    assert np.mean(ses) == pytest.approx(est.std(), rel=0.1)
+    k4, _ = runner.k4_se(rng.standard_normal((400_000, 1, 1)))
+    assert abs(k4[0, 0]) < 0.05  # Gaussian: zero
+
+
 def test_deterministic_outputs_give_zero_z_not_nan():
     """Trained outputs pinned by the data have zero spread in theory and ensemble alike."""
+    from eft_prob import runner
+
     data = cli.Data(np.zeros((1, 1)), np.zeros((1, 1)), np.array([[0.5]]), np.zeros((1, 1)))
-    th = {
-        "prior_variance": np.array([[1.0]]),
-        "trained_mean": np.array([[0.3]]),
-        "trained_variance": np.array([[1e-12]]),
-    }
-    sim = {
-        "prior": np.random.default_rng(1).standard_normal((500, 1, 1)),
-        "trained": np.full((50, 1, 1), 0.3),
-    }
-    rows = cli._compare(th, sim, data)
-    assert [r["quantity"] for r in rows] == ["prior variance", "trained mean", "trained variance"]
-    for r in rows:
-        assert math.isfinite(r["z"])
-    assert abs(rows[1]["z"]) < 1e-6 and abs(rows[2]["z"]) < 1e-3
+    rows = runner.rows_for(
+        "training",
+        8,
+        data,
+        "variance",
+        np.array([[0.0]]),
+        np.array([[0.0]]),
+        np.array([[1e-12]]),
+        None,
+        np.array([[1.0]]),
+        "n/a here",
+    )
+    (r,) = rows
+    assert math.isfinite(r["z_order0"]) and abs(r["z_order0"]) < 1e-3
+    assert r["theory_order1"] is None and r["z_order1"] is None and r["order1_note"] == "n/a here"
 
 
 # -- eft-prob criticality -------------------------------------------------------------------------
