@@ -977,12 +977,15 @@ def _header(log: _Log, cfg: Config, data: Data, sizes: dict, smoke: bool):
             + (f"; hidden widths swept over {r['widths']}" if r["widths"] else "")
         )
     if smoke:
-        log.line(
-            f"smoke mode (--smoke or EFT_PROB_SMOKE=1): {sizes['prior_networks']} prior networks, "
-            f"{sizes['training_networks']} trained networks, {sizes['steps']} GD steps, NUTS "
-            f"{sizes['num_chains']}×({sizes['num_warmup']}+{sizes['num_samples']}), "
-            f"{sizes['theory_draws']} theory draws"
-        )
+        comps, parts = r["comparisons"], []
+        if "initialization" in comps:
+            parts.append(f"{sizes['prior_networks']} prior networks")
+        if "training" in comps:
+            parts.append(f"{sizes['training_networks']} trained networks, {sizes['steps']} GD steps")
+        if "bayes" in comps:
+            parts.append(f"NUTS {sizes['num_chains']}×({sizes['num_warmup']} + {sizes['num_samples']})")
+        parts.append(f"{sizes['theory_draws']} theory draws")
+        log.line("smoke mode (--smoke or EFT_PROB_SMOKE=1): " + ", ".join(parts))
 
 
 def _theory(log: _Log, cfg: Config, data: Data, steps: int, strict: bool = True) -> dict:

@@ -392,6 +392,7 @@ def test_outputs_are_all_or_nothing(tmp_path):
     with pytest.raises(cli.SpecError, match="No space left on device"):
         out.write({"summary.json": "{}", "summary.md": "# x", "results.nc": boom})
     assert os.listdir(tmp_path / "o") == []
+
     def two(path):
         with open(path, "w") as f:
             f.write("2")
