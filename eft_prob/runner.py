@@ -594,11 +594,16 @@ def plot_scaling(path, rows) -> None:
     keys = []
     for r in rows:
         k = (r["comparison"], r["quantity"])
-        if k not in keys and r["comparison"] != "bayes":
+        # the prior mean is 0 at every order: nothing to scale
+        if k not in keys and r["comparison"] != "bayes" and k != ("initialization", "mean"):
             keys.append(k)
-    fig = _figure(3.4 * len(keys), 3.2)
-    axes = fig.subplots(1, len(keys), squeeze=False)[0]
-    for ax, (comp, q) in zip(axes, keys, strict=True):
+    cols = min(3, len(keys))
+    nrows = -(-len(keys) // cols)
+    fig = _figure(4.0 * cols, 3.4 * nrows + 0.3)
+    axes = fig.subplots(nrows, cols, squeeze=False).ravel()
+    for ax in axes[len(keys) :]:
+        ax.set_visible(False)
+    for ax, (comp, q) in zip(axes, keys, strict=False):
         sel = [r for r in rows if (r["comparison"], r["quantity"]) == (comp, q)]
         widths = sorted({r["width"] for r in sel})
         inv = np.array([1.0 / w for w in widths])
@@ -636,8 +641,12 @@ def plot_scaling(path, rows) -> None:
         ax.set_ylabel("rms |estimate − theory| / prior scale", fontsize=8)
         ax.set_title(f"{comp}: {q}", fontsize=9)
         ax.tick_params(labelsize=7)
-        ax.legend(fontsize=7, frameon=False)
-    fig.suptitle("Finite-width error of the theory against 1/n (order 0 should fall like 1/n)", fontsize=10)
+        ax.legend(fontsize=6, frameon=False)
+    fig.suptitle(
+        "Finite-width error of the theory against 1/n: order 0 should fall like 1/n down to the Monte Carlo "
+        "s.e.\n(below the dotted line the differences are noise; small ensembles, e.g. --smoke, show only noise)",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=90, format="png")
 
