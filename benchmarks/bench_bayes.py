@@ -6,6 +6,9 @@ Prints, for N_A training and N_B test inputs (default 50 + 200, depth 3, width 6
   Carlo draws per layer) — the input of everything below, cold (compile included) and warm;
 * the §5.2 contractions alone (``nlo_moments`` given the statistics), cold and warm;
 * ``nlo_posterior_moments`` and ``BayesianPosterior(order=1, form="gaussian")`` end to end, warm;
+* the previous paths, as baselines in the same run: the factored vertex built eagerly (now one
+  compiled program) and the contractions as 16 separately dispatched per-batch programs (now one
+  program over all batches), with the ratios;
 * the naive path at N = 20 (8 + 12): the exact dense vertex (O(N⁴) four-dimensional Gaussian
   integrals per layer) and the dense contractions, against the factored path at the same N, with
   the ratio; and the exact mixture posterior (``form="mixture"``) at N = 20.
@@ -16,6 +19,7 @@ Usage: ``PYTHONPATH=. python benchmarks/bench_bayes.py [--quick] [--activation r
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import time
 import warnings
@@ -27,7 +31,9 @@ jax.config.update("jax_enable_x64", True)
 
 import eft_prob as ep  # noqa: E402
 from eft_prob.distributions import BayesianPosterior  # noqa: E402
+from eft_prob.theory import bayes as _bayes  # noqa: E402
 from eft_prob.theory import four_point_vertex, nlo_posterior_moments, prior_statistics  # noqa: E402
+from eft_prob.theory import vertex as _vertex  # noqa: E402
 from eft_prob.theory.bayes import nlo_moments  # noqa: E402
 
 
@@ -52,7 +58,7 @@ def main(quick: bool = False, activation: str = "relu"):
     D = np.concatenate([X, XT])
     s2 = 0.01
     print(f"# {activation}, depth {spec.depth}, width 64, N_A = {nA}, N_B = {nB}, jax {jax.__version__}")
-    print(f"# backend {jax.default_backend()}, devices {jax.devices()}\n")
+    print(f"# backend {jax.default_backend()}, devices {jax.devices()}, load average {os.getloadavg()}\n")
     rows = []
     st, t_cold = timed(prior_statistics, spec, D)
     rows.append(("prior_statistics (factored V, S=4096), cold", t_cold))
@@ -69,6 +75,36 @@ def main(quick: bool = False, activation: str = "relu"):
     rows.append(("nlo_posterior_moments end to end, warm", warm(nlo_posterior_moments, spec, X, y, XT, s2, repeat=1)))
     post = lambda: BayesianPosterior(spec, X, y, XT, s2, order=1, form="gaussian").scale_tril
     rows.append(("BayesianPosterior(order=1, form='gaussian'), warm", warm(post, repeat=1)))
+
+    # baselines in the same run: the previous (eager / per-batch) paths against the current ones
+    with jax.enable_x64(True):
+        Dj = jax.numpy.asarray(D)
+        (_, _, _), (K_tr, F_tr, D_tr) = _vertex._compute(spec, Dj, False, False, False, None, trace=True)
+        key = jax.random.PRNGKey(0)
+        build = lambda f: f(spec, K_tr, F_tr, D_tr, 4096, key).phi
+        t_fac_eager = warm(build, _vertex._factored, repeat=2)
+        t_fac_jit = warm(build, _vertex._factored_jit, repeat=2)
+        tr = _bayes._training(G[:nA, :nA], jax.numpy.asarray(y), s2)
+        Proj = G[nA:, :nA] @ tr.Gt
+
+        def per_batch():  # the previous path: one dispatched program per Monte Carlo batch
+            return [_bayes._vertex_terms_jit(Vb, tr, Proj, True, True) for Vb, _ in _bayes._batches(st.V)]
+
+        def one_program():
+            return _bayes._batched_terms_jit(st.V, tr, Proj, True, True, 16)
+
+        t_per_batch = warm(per_batch, repeat=2)
+        t_one = warm(one_program, repeat=2)
+        ref = per_batch()
+        new, _ = one_program()
+        agree = max(
+            float(np.abs(np.mean([r[k] for r in ref], 0) - np.asarray(new[k])).max() / np.abs(np.asarray(new[k])).max())
+            for k in range(3)
+        )
+    rows.append(("factored vertex build, eager (previous path), warm", t_fac_eager))
+    rows.append(("factored vertex build, one compiled program, warm", t_fac_jit))
+    rows.append(("V terms, 16 per-batch programs (previous path), warm", t_per_batch))
+    rows.append(("V terms, one program over all batches, warm", t_one))
 
     # the naive path at N = 20: exact dense V and dense contractions, vs factored at the same N
     n_a, n_b = 8, 12
@@ -95,7 +131,11 @@ def main(quick: bool = False, activation: str = "relu"):
     for name, t in rows:
         print(f"| {name} | {t:.3f} s |")
     print(
-        f"\nN=20 dense/factored: statistics {t_dense_v / t_fact_v:.1f}x, contractions {t_dense_c / t_fact_c:.2f}x; "
+        f"\nprevious/current paths: vertex build {t_fac_eager / t_fac_jit:.1f}x, V terms {t_per_batch / t_one:.1f}x "
+        f"(relative difference of the V terms {agree:.1e})"
+    )
+    print(
+        f"N=20 dense/factored: statistics {t_dense_v / t_fact_v:.1f}x, contractions {t_dense_c / t_fact_c:.2f}x; "
         f"Monte Carlo error of the factored 1/n mean term: {rel:.1%} of it"
     )
     print(
@@ -112,7 +152,7 @@ def main(quick: bool = False, activation: str = "relu"):
         f"factored path end to end: {rows[4][1]:.1f} s"
     )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"peak resident memory: {peak:.0f} MiB")
+    print(f"peak resident memory: {peak:.0f} MiB; load average at the end {os.getloadavg()}")
 
 
 if __name__ == "__main__":

@@ -692,6 +692,9 @@ def _factored(spec, K_tr, F_tr, D_tr, samples: int, key) -> FactoredVertex:
     return FactoredVertex(phi, F_tr, jnp.stack(Ps), jnp.stack(As), jnp.stack(Bs), jnp.stack(ws))
 
 
+_factored_jit = jax.jit(_factored, static_argnames=("samples",))
+
+
 class PriorStatistics(NamedTuple):
     """Everything the O(1/n) prior needs, from one pass of the recursion (output layer L).
 
@@ -745,5 +748,6 @@ def prior_statistics(
     else:
         (K, G, _), (K_tr, F_tr, D_tr) = _compute(spec, X, False, False, quadrature, orders, trace=True)
         key = jax.random.PRNGKey(0) if key is None else key
-        V = _factored(spec, K_tr, F_tr, D_tr, int(samples), key)
+        build = _factored_jit if is_concrete(spec, K_tr, key) else _factored
+        V = build(spec, K_tr, F_tr, D_tr, int(samples), key)
     return PriorStatistics(K, (G + G.T) / 2, V, width)
