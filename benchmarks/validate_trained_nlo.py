@@ -53,6 +53,21 @@ CASES = {
         y=Y1,
         runs=[(16, 16000), (32, 10000), (64, 6000), (128, 3000)],
     ),
+    # the widths: 64 ... 1024 (the c + b/n fits use n >= 32 rows)
+    "tanh_wide": dict(
+        act="tanh",
+        kw=dict(C_b=0.1, C_W=1.5, lambda_b=0.5, lambda_W=1.0),
+        y=Y1,
+        runs=[(64, 4000), (128, 3000), (256, 2000), (512, 1500), (1024, 1000)],
+        steps=250,  # finite steps (the theory is evaluated at the same t): residual loss ~1e-9
+    ),
+    "gelu_wide": dict(
+        act="gelu",
+        kw=dict(C_b=0.1, C_W=2.0, lambda_b=0.5, lambda_W=1.0),
+        y=Y1,
+        runs=[(64, 3000), (128, 2000), (256, 1500), (512, 800)],
+        steps=250,
+    ),
     "tanh2": dict(  # two output neurons: cross-neuron terms (the n_L factors of THEORY.md §9.5)
         act="tanh",
         kw=dict(C_b=0.1, C_W=1.5, lambda_b=0.5, lambda_W=1.0),
@@ -62,14 +77,14 @@ CASES = {
 }
 
 
-def run_case(name, case, quick, steps=400):
+def run_case(name, case, quick, steps=400, save=None):
     y = case["y"]
     mk = lambda n: ep.MLPSpec(1, (n, n), y.shape[1], case["act"], **case["kw"])
     X = np.concatenate([XA, XB])
     k = ep.theory.kernels(mk(8), X)
     K, Th = np.asarray(k.nngp[-1]), np.asarray(k.ntk[-1])
     eta = 1.0 / np.linalg.eigvalsh(Th[:3, :3])[-1]
-    th = nlo_trained_coefficients(mk(8), XA, y, XB, eta, None)
+    th = nlo_trained_coefficients(mk(8), XA, y, XB, eta, case.get("steps"))
     h1 = h1_mean_part(np.asarray(ep.theory.ntk_statistics(mk(8), X, derivatives=False).H1), Th, 3, y)
     out = {"widths": [], "mean": [], "se_mean": [], "cov": [], "se_cov": [], "max_loss": [], "seconds": []}
     raw = {}
@@ -86,6 +101,8 @@ def run_case(name, case, quick, steps=400):
         out["seconds"].append(time.time() - t0)
         dt, loss = time.time() - t0, ens["loss"].max()
         print(f"  {name}: n={n:4d} M={M:6d} {dt:7.1f}s  max final loss {loss:.1e}", flush=True)
+        if save is not None:  # keep what is finished (a long run may be stopped)
+            save({k: np.array(v) for k, v in out.items()}, raw)
     res = {k: np.array(v) for k, v in out.items()}
     res.update(mean0=th.mean0, mean1=th.mean1, cov0=th.cov0, cov1=th.cov1, eta=eta, h1=h1, **raw)
     res = {k: np.asarray(v) for k, v in res.items()}
@@ -136,7 +153,11 @@ def main():
     results = {}
     for name in args.cases.split(","):
         print(f"running {name} ...", flush=True)
-        results[name] = run_case(name, CASES[name], args.quick)
+        def save(part, raw, name=name):
+            if args.out:
+                np.savez_compressed(args.out + f".{name}.partial.npz", **part, **raw)
+
+        results[name] = run_case(name, CASES[name], args.quick, CASES[name].get("steps", 400), save)
         if args.out:
             np.savez_compressed(args.out, **{f"{c}/{k}": v for c, r in results.items() for k, v in r.items()})
         report(name, results[name])

@@ -69,13 +69,15 @@ def check_order(order) -> int:
     return int(order)
 
 
-def check_psd(K, what: str) -> jax.Array:
+def check_psd(K, what: str, rtol: float | None = None) -> jax.Array:
     """Symmetrize K; when concrete, verify it is positive semi-definite.
 
     A kernel is PSD mathematically; rounding (deep networks, duplicated inputs) can leave
     eigenvalues slightly below zero.  Those are clipped to zero: silently when they are at the
     rounding level (|λ_min| <= 100·N·eps·λ_max, a singular kernel), otherwise with a
-    :class:`RegularizationWarning` that says how much was changed.  NaN/inf raise.
+    :class:`RegularizationWarning` that says how much was changed.  NaN/inf raise.  ``rtol``
+    replaces the rounding level for matrices computed less accurately than to rounding (e.g. by
+    quadrature): eigenvalues down to −rtol·λ_max are then clipped silently.
     """
     K = (K + jnp.swapaxes(K, -1, -2)) / 2
     if not is_concrete(K):
@@ -96,7 +98,7 @@ def check_psd(K, what: str) -> jax.Array:
         return K
     K_fixed = (U * jnp.clip(w, 0.0, None)) @ U.T
     K_fixed = (K_fixed + K_fixed.T) / 2
-    if abs(low) <= _ROUNDOFF * K.shape[-1] * scale:
+    if abs(low) <= (_ROUNDOFF * K.shape[-1] if rtol is None else rtol) * scale:
         return K_fixed  # rounding of a singular PSD kernel (e.g. N > rank): not a regularization
     warnings.warn(
         f"{what} was not numerically positive semi-definite: eigenvalues down to {low:.3g} "

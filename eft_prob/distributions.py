@@ -40,6 +40,7 @@ __all__ = [
     "CoupledGaussian",
     "FiniteWidthPosterior",
     "FiniteWidthPrior",
+    "FiniteWidthTrained",
     "KernelGaussian",
     "KernelMixture",
     "MatrixNormalMixture",
@@ -49,14 +50,6 @@ __all__ = [
 ]
 
 _matrix = constraints.independent(constraints.real, 2)
-
-
-def _not_yet(cls_name: str):
-    return NotImplementedError(
-        f"{cls_name}(order=1) is not implemented yet: the 1/n-corrected distribution needs the "
-        "four-point vertex V and the NLO kernel K^{1} (the finite-width issues). Use order=0 for "
-        "the infinite-width (Gaussian) distribution."
-    )
 
 
 class KernelGaussian(Distribution):
@@ -277,7 +270,20 @@ class TrainedNetwork(KernelGaussian):
     meaning trained to convergence.  ``order=0`` is the infinite-width (frozen-NTK, linear-model)
     distribution of THEORY.md §8.2–8.3.  A learning rate above the stability bound 2/λ_max(Θ̃)
     triggers a :class:`~eft_prob.StabilityWarning`.
+
+    ``order=1`` returns a :class:`FiniteWidthTrained`: the Gaussian with the O(1/n) mean and
+    covariance of the trained outputs (:func:`eft_prob.theory.training.nlo_trained_moments`),
+    which couple the output neurons; it needs a smooth activation (the dNTK and ddNTK statistics).
     """
+
+    def __new__(cls, *args, **kwargs):
+        # TrainedNetwork(..., order=1) is a FiniteWidthTrained (neuron-coupled covariance).
+        # Called without arguments (pytree unflattening) it is a plain TrainedNetwork.
+        order = kwargs.get("order", args[6] if len(args) > 6 else 0)
+        if cls is TrainedNetwork and (args or kwargs) and check_order(order) == 1:
+            rest = {k: v for k, v in kwargs.items() if k != "order"}
+            return FiniteWidthTrained(*args[:6], **rest)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -292,8 +298,7 @@ class TrainedNetwork(KernelGaussian):
         jitter: float = 1e-10,
         validate_args=None,
     ):
-        if check_order(order) == 1:
-            raise _not_yet(type(self).__name__)
+        check_order(order)
         if learning_rate is not None:
             check_positive("learning_rate", learning_rate)
         with precision_scope(spec, X, y, X_test, learning_rate):
@@ -1036,6 +1041,57 @@ class MomentMatchedPosterior(CoupledGaussian):
             tril = _cholesky(cov, jitter, jnp.mean(jnp.diagonal(r.gp_covariance)) + noise_var)
         self.log_evidence = _ambient(r.log_evidence)[0]
         loc, tril = _ambient(r.mean, tril)
+        super().__init__(loc, tril, validate_args=validate_args)
+
+
+class FiniteWidthTrained(CoupledGaussian):
+    """The O(1/n) distribution of GD-trained outputs (``TrainedNetwork(..., order=1)``).
+
+    A Gaussian over the flattened test event (index β·n_L + i) with the mean and covariance of
+    :func:`eft_prob.theory.training.nlo_trained_moments`: the infinite-width NTK prediction plus
+    the 1/n corrections from the NTK fluctuations (H^{1}, A, B, D, F) and, through the
+    learning-algorithm-dependent terms, the dNTK (P, Q) and ddNTK (R, S, T, U); the covariance
+    couples different output neurons.  ``learning_rate=None`` with ``steps=None`` is gradient flow
+    to convergence; otherwise ``steps`` discrete steps (``None``: converged) at rate η.
+
+    What is dropped: the trained outputs' own O(1/n) fourth cumulant (inherited from the prior's
+    vertex V and from the NTK fluctuations), so as a density this is moment-matched, exact in mean
+    and covariance to O(1/n²).  At small widths the truncated covariance can lose positive
+    definiteness; it is then clipped with a :class:`~eft_prob.RegularizationWarning`.
+
+    Attributes: ``coefficients`` — the :class:`~eft_prob.theory.training.NLOTrainedCoefficients`
+    (mean0, cov0, mean1, cov1, width), from which ``.at(n)`` gives the moments at any other width.
+    """
+
+    pytree_data_fields = ("coefficients",)
+
+    def __init__(
+        self,
+        spec: MLPSpec,
+        X,
+        y,
+        X_test,
+        learning_rate=None,
+        steps: int | None = None,
+        *,
+        jitter: float = 1e-10,
+        validate_args=None,
+    ):
+        from ._validate import check_psd
+        from .theory.training import nlo_trained_coefficients
+
+        if learning_rate is not None:
+            check_positive("learning_rate", learning_rate)
+        with precision_scope(spec, X, y, X_test, learning_rate):
+            c = nlo_trained_coefficients(spec, X, y, X_test, learning_rate, steps)
+            m = c.at()
+            # zero-variance directions (test inputs at training inputs, converged) come out at the
+            # accuracy of the quadratures of the NTK statistics: about 1e-5 of the largest entry of
+            # the O(1/n) term here (measured; it falls ~100x with 1.5x the nodes), hence rtol
+            cov = check_psd(m.cov, "TrainedNetwork(order=1) covariance", rtol=1e-5)
+            tril = _cholesky(cov, jitter, jnp.mean(jnp.diagonal(c.cov0)))
+        self.coefficients = c
+        loc, tril = _ambient(m.mean, tril)
         super().__init__(loc, tril, validate_args=validate_args)
 
 

@@ -132,8 +132,9 @@ def test_order_dispatch_and_bad_order():
     assert isinstance(NetworkPrior(relu, X[:1], order="exact"), ExactNetworkPrior)
     with pytest.raises(ValueError, match="form must be"):  # order=1 goes to the finite-width posterior
         BayesianPosterior(SPEC, X, Y, XT, 0.1, order=1, form="bogus")
-    with pytest.raises(NotImplementedError):
-        TrainedNetwork(SPEC, X, Y, XT, order=1)
+    from eft_prob.distributions import FiniteWidthTrained
+
+    assert isinstance(TrainedNetwork(SPEC, X, Y, XT, 0.1, order=1), FiniteWidthTrained)
     for bad in (2, -1, 0.5, True, "one"):
         with pytest.raises(ValueError, match="order must be 0"):
             NetworkPrior(SPEC, X, order=bad)

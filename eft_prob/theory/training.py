@@ -267,7 +267,10 @@ def _nlo_coefficients(st, nA, y, eta, steps):
     nAc, nD = nA * nL, N * nL
     eye = jnp.eye(nL, dtype=st.K.dtype)
     Th, Kc = jnp.kron(st.Theta, eye), jnp.kron(st.K, eye)
-    lam, U = jnp.linalg.eigh(Th[:nAc, :nAc])
+    # eigenbasis of Θ̃ ⊗ 1: from the nA×nA eigh (each eigenvalue n_L-fold degenerate, and eigh's
+    # derivative is undefined at degenerate eigenvalues — it gave gradients 30% off for n_L = 2)
+    lam0, U0 = jnp.linalg.eigh(st.Theta[:nA, :nA])
+    lam, U = jnp.repeat(lam0, nL), jnp.kron(U0, eye)
     Uf = jnp.zeros((nD, nAc), Th.dtype).at[:nAc].set(U)
     Psi = Th[:, :nAc] @ U / lam  # Θ_{·A} Θ̃⁻¹ in the eigenbasis
     Pi = jnp.eye(nD, dtype=Th.dtype) - Psi @ Uf.T  # δ − Θ_{·A} Θ̃⁻¹ (zero on the B columns)
