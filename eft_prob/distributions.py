@@ -536,6 +536,21 @@ def _sigma_point_kernels(Kbar, Vpair, N, iterations: int = 40):
     return kernels, jnp.log(p), {"residual": residual}
 
 
+def _check_mixture_built(Kbar, residual, who):
+    """A clear error where the sigma-point construction broke down (NaN) on a near-singular K̄."""
+    if np.isfinite(float(residual)):
+        return
+    lam = np.linalg.eigvalsh(np.asarray(Kbar, np.float64))
+    raise ValueError(
+        f"{who}: the O(1/n) kernel mixture cannot be built on these inputs: the kernel K + K1/n is "
+        f"numerically near-singular (eigenvalues from {lam[-1]:.3g} down to {lam[0]:.3g}), and whitened by it "
+        "the vertex V/n, accurate to ~1e-10 relative, is dominated by its numerical error in the near-null "
+        "directions. Use fewer or more widely spaced inputs (smooth kernels on 1-D inputs are numerically "
+        "low-rank), C_b > 0 for odd activations, or the moment-level O(1/n) results "
+        "(eft_prob.theory.prior_statistics; BayesianPosterior(..., order=1, form='gaussian'))."
+    )
+
+
 class FiniteWidthPrior(KernelMixture):
     """p(f(X)) at initialization to O(1/n): ``NetworkPrior(spec, X, order=1)`` returns this.
 
@@ -615,6 +630,8 @@ class FiniteWidthPrior(KernelMixture):
             loc = jnp.zeros((N, spec.output_dim), Kbar.dtype)
             if Vn is None:
                 Vn = st.V.dense() / n if N <= 24 else None
+        if is_concrete(spec, X):
+            _check_mixture_built(Kbar, info["residual"], "NetworkPrior(order=1)")
         if is_concrete(spec, X) and float(info["residual"]) > 1e-3:
             warnings.warn(
                 "NetworkPrior(order=1): the O(1/n) kernel fluctuations V/n are so large against K that no "
@@ -910,6 +927,8 @@ def _posterior_mixture(Kbar, V, n, index, y, noise_var, include_noise, jitter):
     else:
         Vpair = V.pair_matrix() / n
     kernels, logw, info = _sigma_point_kernels_jit(Kbar, Vpair, N, 40)
+    if is_concrete(Kbar):
+        _check_mixture_built(Kbar, info["residual"], "BayesianPosterior(order=1)")
     G = kernels[:, index][:, :, index]  # (C, N_A + N_B, N_A + N_B)
     Ch = jnp.linalg.cholesky(G[:, :nA, :nA] + noise_var * jnp.eye(nA, dtype=G.dtype))
     wy = solve_triangular(Ch, jnp.broadcast_to(y, (G.shape[0],) + y.shape), lower=True)
@@ -1099,6 +1118,7 @@ def _finite_width_posterior(spec, X, y, X_test, noise_var, *, form=None, **kwarg
     """BayesianPosterior(order=1): the mixture where it fits, else the moment-matched Gaussian."""
     if form not in (None, "mixture", "gaussian"):
         raise ValueError(f"form must be None, 'mixture' or 'gaussian', got {form!r}.")
+    auto = form is None
     if form is None:
         D = [check_inputs(spec, a, name) for a, name in ((X, "X"), (X_test, "X_test"))]
         if is_concrete(X, X_test):
@@ -1116,5 +1136,18 @@ def _finite_width_posterior(spec, X, y, X_test, noise_var, *, form=None, **kwarg
                 ApproximationWarning,
                 stacklevel=3,
             )
+    if form == "mixture" and auto:
+        try:
+            return FiniteWidthPosterior(spec, X, y, X_test, noise_var, **kwargs)
+        except ValueError as e:
+            if "cannot be built on these inputs" not in str(e):
+                raise
+            warnings.warn(
+                f"{str(e).replace('BayesianPosterior(order=1): ', '', 1)} BayesianPosterior(order=1) returns the Gaussian with the O(1/n) mean and covariance "
+                "instead (form='gaussian'; the posterior's O(1/n) fourth cumulant is dropped).",
+                ApproximationWarning,
+                stacklevel=3,
+            )
+            form = "gaussian"
     cls = FiniteWidthPosterior if form == "mixture" else MomentMatchedPosterior
     return cls(spec, X, y, X_test, noise_var, **kwargs)

@@ -27,6 +27,7 @@ Y = np.array([[0.5], [0.2], [-0.4]])
 XT = np.array([[0.0, 0.0]])
 NAN = np.nan
 K0 = jax.random.key(0)
+ODD = ep.MLPSpec(1, (256, 256), 1, "tanh", C_b=0.0, C_W=1.0)  # odd functions: a near-singular K on a 1-D grid
 
 CASES = {
     # architecture and prior
@@ -87,6 +88,10 @@ CASES = {
         "noise_var",
     ),
     "unknown activation (criticality)": (lambda: ep.criticality.critical_points("foo"), "'foo' is not known"),
+    "near-singular kernel (order-1 mixture)": (
+        lambda: D.NetworkPrior(ODD, np.linspace(-1.25, 1.5, 7)[:, None], order=1),
+        "cannot be built on these inputs: the kernel K \\+ K1/n is numerically near-singular",
+    ),
     "overflowing recursion": (
         lambda: D.NetworkPrior(ep.MLPSpec(2, (16,) * 400, 1, "relu", C_W=30.0), X),
         "NaN or infinite",
@@ -106,6 +111,15 @@ def test_bad_input_gives_a_clear_error_from_eft_prob(name):
     frames = traceback.extract_tb(info.value.__traceback__)
     origin = "numpyro" if name in FROM_NUMPYRO_VALIDATION else "eft_prob"
     assert f"{os.sep}{origin}{os.sep}" in frames[-1].filename, frames[-1]
+
+
+def test_near_singular_kernel_posterior_falls_back_to_the_moment_matched_gaussian():
+    X1, XT1 = np.linspace(-1.25, 1.5, 3)[:, None], np.array([[-0.9], [-0.2], [0.6], [1.2]])
+    with pytest.warns(ep.ApproximationWarning, match="near-singular"):
+        d = D.BayesianPosterior(ODD, X1, np.sin(X1), XT1, 0.0025, order=1)
+    assert isinstance(d, D.MomentMatchedPosterior) and np.all(np.isfinite(np.asarray(d.mean)))
+    d0 = D.BayesianPosterior(ODD, X1, np.sin(X1), XT1, 0.0025)
+    np.testing.assert_allclose(d.mean, d0.mean, atol=0.02)  # an O(1/n) shift at n = 256
 
 
 def test_there_are_at_least_30_kinds():
