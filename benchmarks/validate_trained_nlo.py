@@ -136,8 +136,8 @@ def report(name, r):
     head = "".join(f"{f'n={n}':>17s}" for n in W)
     print("quantity     " + head + f"{'c+b/n':>17s}{'c+b/n+b2/n²':>17s}{'theory':>9s}")
     for j, lab in enumerate(labels):
-        c1, s1, _ = _fit(W[W >= 32], vals[W >= 32, j], ses[W >= 32, j], (1,)) if np.sum(W >= 32) >= 3 else (np.nan,) * 3
-        c2, s2, _ = _fit(W, vals[:, j], ses[:, j], (1, 2))
+        c1, s1, _ = _fit(W[W >= 32], vals[W >= 32, j], ses[W >= 32, j], (1,)) if np.sum(W >= 32) >= 2 else (np.nan,) * 3
+        c2, s2, _ = _fit(W, vals[:, j], ses[:, j], (1, 2)) if len(W) >= 3 else (np.nan,) * 3
         cells = "".join(f"{v:8.3f}±{s:<8.3f}" for v, s in zip(vals[:, j], ses[:, j]))
         print(f"{lab:12s} {cells}{c1:8.3f}±{s1:<8.3f}{c2:8.3f}±{s2:<8.3f}{pred[j]:9.3f}")
         rows.append((lab, c1, s1, c2, s2, pred[j]))

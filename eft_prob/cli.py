@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import __version__, criticality, enable_x64
+from ._io import publish
 from .activations import ACTIVATIONS
 from .distributions import BayesianPosterior, NetworkPrior, TrainedNetwork
 from .spec import MLPSpec
@@ -742,7 +743,7 @@ class _OutDir:
                     with os.fdopen(fd, "w", encoding="utf-8") as f:
                         f.write(content)
             for name, tmp in temps.items():
-                os.replace(tmp, os.path.join(self.path, name))
+                publish(tmp, os.path.join(self.path, name))
         except BaseException as e:
             for tmp in temps.values():
                 with contextlib.suppress(OSError):

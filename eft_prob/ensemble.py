@@ -17,7 +17,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 import warnings
 import zipfile
@@ -31,6 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from . import nn
 from ._config import StabilityWarning, precision_scope
+from ._io import atomic_write
 from ._validate import check_inputs, check_targets
 from .spec import MLPSpec
 from .theory.kernels import ntk
@@ -359,17 +359,12 @@ def _fingerprint_fields(spec, X, y, X_test, M, eta, steps, key, dtype) -> dict:
 def _atomic_write(path: str, write) -> None:
     """Write through a temporary file in the same directory and ``os.replace`` it into place, so a
     crash leaves either the old file or the complete new one, never a partial file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def to(tmp):
+        with open(tmp, "wb") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+
+    atomic_write(path, to, fsync=True)
 
 
 class _Checkpoint:

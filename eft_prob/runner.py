@@ -24,7 +24,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import warnings
 
 import jax
@@ -32,6 +31,7 @@ import numpy as np
 import xarray as xr
 
 from . import _arviz, compare, ensemble
+from ._io import atomic_write, publish
 from .distributions import BayesianPosterior, CoupledGaussian, NetworkPrior, TrainedNetwork
 from .inference import run_nuts
 
@@ -56,16 +56,7 @@ def fingerprint(payload: dict) -> str:
 
 def _atomic(path: str, write) -> None:
     """Run ``write(tmp)`` on a temporary file in path's directory, then rename it to ``path``."""
-    d = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, write)
 
 
 def write_groups(path: str, groups: dict[str, xr.Dataset], attrs: dict) -> None:
@@ -658,7 +649,7 @@ def plot_ppc(path, idata) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # arviz on a handful of observations
             compare.plot_ppc(idata, png, var_names=("y",), num_samples=min(50, _num_draws(idata)))
-        os.replace(png, path)
+        publish(png, path)
     finally:
         with contextlib.suppress(OSError):
             os.unlink(png)
