@@ -211,15 +211,16 @@ class BayesianPosterior(KernelGaussian):
     ``order=0``: GP regression with the NNGP kernel (THEORY.md §5.1), a :class:`KernelGaussian`.
     ``order=1``: the O(1/n) posterior (book §6.4, THEORY.md §5.2), returned as
 
-    * a :class:`FiniteWidthPosterior` — the *exact* Bayesian update of the O(1/n) prior mixture
-      (:class:`FiniteWidthPrior` on X ∪ X_test): a mixture of GP posteriors, one per kernel G_m,
-      weighted by their evidences; proper, with mean, covariance and log evidence equal to the
-      §5.2 formulas up to O(1/n²) — used when X ∪ X_test has at most 64 distinct inputs
-      (``form="mixture"``);
-    * a :class:`MomentMatchedPosterior` — the Gaussian with the O(1/n) mean and covariance of
-      :func:`eft_prob.theory.bayes.nlo_posterior_moments` (``form="gaussian"``; the posterior's own
-      O(1/n) fourth cumulant is dropped).  ``form=None`` picks the mixture when it fits and the
-      Gaussian otherwise, with an :class:`~eft_prob.ApproximationWarning`.
+    * a :class:`MomentMatchedPosterior` (default, ``form="gaussian"``): the Gaussian with the O(1/n)
+      mean and neuron-coupled covariance of :func:`eft_prob.theory.bayes.nlo_posterior_moments`
+      (the posterior's own O(1/n) fourth cumulant is dropped);
+    * a :class:`FiniteWidthPosterior` (``form="mixture"``, at most 64 distinct inputs in
+      X ∪ X_test): the exact Bayes update of the O(1/n) prior mixture (:class:`FiniteWidthPrior`):
+      a mixture of GP posteriors, one per kernel point G_m, weighted by their evidences.  Its
+      moments equal §5.2 up to O(1/n²) only while the data reweight the kernel points mildly; when
+      the likelihood is sharp (small noise, many points, small width) the discrete prior law is
+      resolved point by point and the moments can be off at O(1/n) (measured against NUTS), which
+      an :class:`~eft_prob.ApproximationWarning` reports (effective number of points < 50%).
 
     Keyword arguments for ``order=1``: ``form``, ``samples`` and ``key`` (Monte Carlo factored vertex
     above 24 inputs, see :func:`eft_prob.theory.prior_statistics`).
@@ -1115,39 +1116,23 @@ class FiniteWidthTrained(CoupledGaussian):
 
 
 def _finite_width_posterior(spec, X, y, X_test, noise_var, *, form=None, **kwargs):
-    """BayesianPosterior(order=1): the mixture where it fits, else the moment-matched Gaussian."""
+    """BayesianPosterior(order=1): the §5.2 moments as a Gaussian (default) or the mixture on request."""
     if form not in (None, "mixture", "gaussian"):
         raise ValueError(f"form must be None, 'mixture' or 'gaussian', got {form!r}.")
-    auto = form is None
-    if form is None:
-        D = [check_inputs(spec, a, name) for a, name in ((X, "X"), (X_test, "X_test"))]
-        if is_concrete(X, X_test):
-            N = _dedupe(np.concatenate([np.asarray(a, np.float64).reshape(-1, spec.input_dim) for a in (X, X_test)]))
-            N = N[0].size
-        else:
-            N = D[0].shape[0] + D[1].shape[0]
-        form = "mixture" if N <= FiniteWidthPosterior.MAX_INPUTS else "gaussian"
-        if form == "gaussian":
-            warnings.warn(
-                f"BayesianPosterior(order=1): {N} distinct inputs exceed the {FiniteWidthPosterior.MAX_INPUTS} of the "
-                "exact O(1/n) mixture, so a Gaussian with the O(1/n) mean and covariance is returned; the "
-                "posterior's O(1/n) fourth cumulant (its non-Gaussian shape) is dropped. Pass form='gaussian' to "
-                "choose this explicitly.",
-                ApproximationWarning,
-                stacklevel=3,
-            )
-    if form == "mixture" and auto:
-        try:
-            return FiniteWidthPosterior(spec, X, y, X_test, noise_var, **kwargs)
-        except ValueError as e:
-            if "cannot be built on these inputs" not in str(e):
-                raise
-            warnings.warn(
-                f"{str(e).replace('BayesianPosterior(order=1): ', '', 1)} BayesianPosterior(order=1) returns the Gaussian with the O(1/n) mean and covariance "
-                "instead (form='gaussian'; the posterior's O(1/n) fourth cumulant is dropped).",
-                ApproximationWarning,
-                stacklevel=3,
-            )
-            form = "gaussian"
-    cls = FiniteWidthPosterior if form == "mixture" else MomentMatchedPosterior
-    return cls(spec, X, y, X_test, noise_var, **kwargs)
+    if form == "mixture":
+        d = FiniteWidthPosterior(spec, X, y, X_test, noise_var, **kwargs)
+        if is_concrete(d.logits) and d.batch_shape == ():
+            w = np.exp(np.asarray(d.logits, np.float64))
+            frac = float(1.0 / np.sum(w * w) / w.size)
+            if frac < 0.5:
+                warnings.warn(
+                    f"BayesianPosterior(order=1, form='mixture'): the data reweight the prior's {w.size} kernel "
+                    f"points strongly (effective number {frac:.0%} of them): the likelihood is informative about "
+                    "the kernel beyond what the discrete O(1/n) prior law resolves, and the mixture's posterior "
+                    "moments can be off at O(1/n) (e.g. small noise_var, many points, small width). Use the "
+                    "default form (the §5.2 O(1/n) moments).",
+                    ApproximationWarning,
+                    stacklevel=3,
+                )
+        return d
+    return MomentMatchedPosterior(spec, X, y, X_test, noise_var, **kwargs)

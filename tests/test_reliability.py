@@ -113,13 +113,24 @@ def test_bad_input_gives_a_clear_error_from_eft_prob(name):
     assert f"{os.sep}{origin}{os.sep}" in frames[-1].filename, frames[-1]
 
 
-def test_near_singular_kernel_posterior_falls_back_to_the_moment_matched_gaussian():
+def test_near_singular_kernel_posterior():
+    """The mixture cannot be built (clear error); the default O(1/n) moments are fine there."""
     X1, XT1 = np.linspace(-1.25, 1.5, 3)[:, None], np.array([[-0.9], [-0.2], [0.6], [1.2]])
-    with pytest.warns(ep.ApproximationWarning, match="near-singular"):
-        d = D.BayesianPosterior(ODD, X1, np.sin(X1), XT1, 0.0025, order=1)
+    with pytest.raises(ValueError, match="near-singular"):
+        D.BayesianPosterior(ODD, X1, np.sin(X1), XT1, 0.0025, order=1, form="mixture")
+    d = D.BayesianPosterior(ODD, X1, np.sin(X1), XT1, 0.0025, order=1)
     assert isinstance(d, D.MomentMatchedPosterior) and np.all(np.isfinite(np.asarray(d.mean)))
     d0 = D.BayesianPosterior(ODD, X1, np.sin(X1), XT1, 0.0025)
     np.testing.assert_allclose(d.mean, d0.mean, atol=0.02)  # an O(1/n) shift at n = 256
+
+
+def test_sharp_likelihood_warns_for_the_mixture():
+    """Small noise on 5 points at width 16: the data pick out a few of the mixture's kernel points."""
+    spec = ep.MLPSpec(1, (16, 16), 1, "tanh", C_b=0.1, C_W=1.0)
+    X1 = np.linspace(-1.5, 1.5, 5)[:, None]
+    y1 = np.sin(1.5 * X1) + 0.3 + 0.1 * np.random.default_rng(0).normal(size=X1.shape)
+    with pytest.warns(ep.ApproximationWarning, match="effective number"):
+        D.BayesianPosterior(spec, X1, y1, np.array([[0.4]]), 0.01, order=1, form="mixture")
 
 
 def test_there_are_at_least_30_kinds():
