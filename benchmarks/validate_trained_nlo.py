@@ -153,6 +153,7 @@ def main():
     results = {}
     for name in args.cases.split(","):
         print(f"running {name} ...", flush=True)
+
         def save(part, raw, name=name):
             if args.out:
                 np.savez_compressed(args.out + f".{name}.partial.npz", **part, **raw)
