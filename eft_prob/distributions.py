@@ -154,6 +154,15 @@ def _ambient(*arrays):
     return tuple(jnp.asarray(a).astype(dtype) for a in arrays)
 
 
+def _order_one(cls, base, args, kwargs, position, make):
+    """``base(..., order=1)``: the finite-width object ``make(*args[:position], **other kwargs)``;
+    None otherwise (order 0, a subclass, or a call without arguments — pytree unflattening)."""
+    order = kwargs.get("order", args[position] if len(args) > position else 0)
+    if cls is base and (args or kwargs) and check_order(order) == 1:
+        return make(*args[:position], **{k: v for k, v in kwargs.items() if k != "order"})
+    return None
+
+
 class NetworkPrior(KernelGaussian):
     """p(f(X)) at initialization for a network drawn from ``spec``'s prior.
 
@@ -227,13 +236,8 @@ class BayesianPosterior(KernelGaussian):
     """
 
     def __new__(cls, *args, **kwargs):
-        # BayesianPosterior(..., order=1) is a FiniteWidthPosterior or a MomentMatchedPosterior.
-        # Called without arguments (pytree unflattening) it is a plain BayesianPosterior.
-        order = kwargs.get("order", args[5] if len(args) > 5 else 0)
-        if cls is BayesianPosterior and (args or kwargs) and check_order(order) == 1:
-            rest = {k: v for k, v in kwargs.items() if k != "order"}
-            return _finite_width_posterior(*args[:5], **rest)
-        return super().__new__(cls)
+        # BayesianPosterior(..., order=1) is a MomentMatchedPosterior or a FiniteWidthPosterior.
+        return _order_one(cls, BayesianPosterior, args, kwargs, 5, _finite_width_posterior) or super().__new__(cls)
 
     def __init__(
         self,
@@ -279,12 +283,7 @@ class TrainedNetwork(KernelGaussian):
 
     def __new__(cls, *args, **kwargs):
         # TrainedNetwork(..., order=1) is a FiniteWidthTrained (neuron-coupled covariance).
-        # Called without arguments (pytree unflattening) it is a plain TrainedNetwork.
-        order = kwargs.get("order", args[6] if len(args) > 6 else 0)
-        if cls is TrainedNetwork and (args or kwargs) and check_order(order) == 1:
-            rest = {k: v for k, v in kwargs.items() if k != "order"}
-            return FiniteWidthTrained(*args[:6], **rest)
-        return super().__new__(cls)
+        return _order_one(cls, TrainedNetwork, args, kwargs, 6, FiniteWidthTrained) or super().__new__(cls)
 
     def __init__(
         self,
