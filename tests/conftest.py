@@ -16,6 +16,9 @@ jax.config.update("jax_enable_x64", True)
 # one cache per jax version and interpreter: entries written by another jaxlib (the CI's second,
 # Python 3.12 run) must never be read back, and a crash there takes the whole test process down
 _cache = os.path.expanduser(f"~/.cache/eft_prob_jax/{jax.__version__}-py{sys.version_info[0]}{sys.version_info[1]}")
+# and one per pytest-xdist worker: concurrent processes sharing one cache directory crashed XLA once
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _cache += "-" + os.environ["PYTEST_XDIST_WORKER"]
 jax.config.update("jax_compilation_cache_dir", _cache)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 

@@ -267,6 +267,7 @@ def test_narrow_networks_warn():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_nuts_recovers_hyperparameters_from_real_finite_networks():
     """Data: 3000 independent width-12 tanh networks evaluated at two inputs, plus noise.  NUTS over
     (C_W, C_b, noise_var) with NetworkPrior(order=1, noise_var) — the O(1/n) evidence — as the

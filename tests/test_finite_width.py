@@ -209,6 +209,7 @@ def test_narrow_deep_networks_warn_with_the_number():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_nuts_with_the_order_one_likelihood():
     """C_W inferred through the O(1/n) likelihood from data drawn from it; no divergences."""
     spec = ep.MLPSpec(2, (32, 32), 1, "tanh", C_b=0.0, C_W=1.3)

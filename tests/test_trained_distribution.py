@@ -71,25 +71,31 @@ def test_log_prob_sample_and_entropy():
 
 
 @pytest.mark.slow
-def test_jit_vmap_grad():
-    """jit, vmap over C_W and grad (NUTS over hyperparameters).  grad differentiates the quadrature
-    rules of the NTK statistics at fixed node scale, finite differences also move the nodes: they
-    agree to the quadratures' accuracy, amplified by the cancellations in the O(1/n) covariance
-    (0.2% here).  With n_L = 2 the eigenvalues of Θ̃ ⊗ 1 are degenerate, where a naive eigh
-    derivative was 30% off: this test guards that."""
+def test_grad_and_pytree():
+    """grad (NUTS over hyperparameters) differentiates the quadrature rules of the NTK statistics at
+    fixed node scale; finite differences also move the nodes: they agree to the quadratures'
+    accuracy, amplified by the cancellations in the O(1/n) covariance (0.2% here).  With n_L = 2 the
+    eigenvalues of Θ̃ ⊗ 1 are degenerate, where a naive eigh derivative was 30% off: this guards it.
+    (jit and vmap over C_W: tests/test_trained_distribution.py::test_in_a_numpyro_model traces it.)"""
     v = _d(xb=XB[:3]).sample(jax.random.key(2))
     f = lambda c: _d(SPEC.replace(C_W=c), XB[:3]).log_prob(v)
-    np.testing.assert_allclose(jax.jit(f)(1.5), f(1.5), rtol=1e-9)
-    cws = jnp.array([1.3, 1.7])
-    lp = jax.vmap(f)(cws)
-    for c, l in zip(cws, lp):
-        assert float(l) == pytest.approx(float(f(float(c))), rel=1e-9)
     g = float(jax.grad(f)(1.5))
     fd = (float(f(1.5 + 1e-5)) - float(f(1.5 - 1e-5))) / 2e-5
     assert np.isfinite(g) and g == pytest.approx(fd, rel=1e-2)
     # the distribution itself passes through jit as a pytree
     d = _d(xb=XB[:3])
     np.testing.assert_allclose(jax.jit(lambda dd, x: dd.log_prob(x))(d, v), d.log_prob(v), rtol=1e-12)
+
+
+@pytest.mark.slow
+@pytest.mark.heavy
+def test_vmap_over_hyperparameters():
+    v = _d(xb=XB[:3]).sample(jax.random.key(2))
+    f = lambda c: _d(SPEC.replace(C_W=c), XB[:3]).log_prob(v)
+    cws = jnp.array([1.3, 1.7])
+    lp = jax.vmap(f)(cws)
+    for c, l in zip(cws, lp):
+        assert float(l) == pytest.approx(float(f(float(c))), rel=1e-9)
 
 
 def test_in_a_numpyro_model():

@@ -175,7 +175,7 @@ def test_duplicated_and_permuted_inputs():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("act", ["tanh", "relu"])
+@pytest.mark.parametrize("act", ["tanh", pytest.param("relu", marks=pytest.mark.heavy)])
 def test_four_point_tables_equal_direct_quadrature(act):
     """Every (a, b, c, d) entry, repeated indices included, against expect_nd on the (singular) 4×4
     sub-kernel of the tuple."""

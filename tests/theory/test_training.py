@@ -74,6 +74,7 @@ def test_trained_network_is_not_the_bayesian_posterior_unless_theta_proportional
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_trained_network_matches_gd_trained_ensembles_with_error_shrinking_with_width():
     """Real networks trained by full-batch GD approach TrainedNetwork(order=0) like a/n + b.
 

@@ -336,6 +336,7 @@ def test_expect_nd_relu_against_closed_form_O13():
     assert float(val) == pytest.approx(1.3 * 0.7 * J2 / (2 * math.pi), rel=1e-9)
 
 
+@pytest.mark.heavy
 def test_expect_nd_converges_three_and_four_inputs():
     rng = np.random.default_rng(1)
     A = rng.normal(size=(4, 4))

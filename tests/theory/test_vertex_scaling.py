@@ -214,7 +214,7 @@ def _check_order_one(act: str, what: str):
     return fits
 
 
-@pytest.mark.parametrize("act", ["tanh", "relu"])
+@pytest.mark.parametrize("act", [pytest.param("tanh", marks=pytest.mark.heavy), "relu"])
 def test_kernel_is_order_one_theory_up_to_one_over_width_squared(act):
     s = sweep(act)
     fits = _check_order_one(act, "kernel")
