@@ -221,6 +221,7 @@ def test_jit_vmap_pytree_and_numpyro(mixture):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_grad_over_hyperparameters():
     for form in ("mixture", "gaussian"):
         _grad_vs_fd(form)

@@ -71,6 +71,7 @@ def test_log_prob_sample_and_entropy():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_grad_and_pytree():
     """grad (NUTS over hyperparameters) differentiates the quadrature rules of the NTK statistics at
     fixed node scale; finite differences also move the nodes: they agree to the quadratures'

@@ -224,7 +224,7 @@ def test_kernel_is_order_one_theory_up_to_one_over_width_squared(act):
         assert abs(s.K1[d, e]) >= 10 * fits[L, e][1], (act, L, s.K1[d], fits[L, e])
 
 
-@pytest.mark.parametrize("act", ["tanh", "relu"])
+@pytest.mark.parametrize("act", [pytest.param("tanh", marks=pytest.mark.heavy), "relu"])
 def test_four_point_function_is_order_one_theory_up_to_one_over_width_squared(act):
     s = sweep(act)
     fits = _check_order_one(act, "four-point")
