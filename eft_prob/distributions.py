@@ -1099,8 +1099,7 @@ class FiniteWidthTrained(CoupledGaussian):
         from ._validate import check_psd
         from .theory.training import nlo_trained_coefficients
 
-        if learning_rate is not None:
-            check_positive("learning_rate", learning_rate)
+        # nlo_trained_coefficients validates learning_rate and steps (a rate > 0, or None for gradient flow)
         with precision_scope(spec, X, y, X_test, learning_rate):
             c = nlo_trained_coefficients(spec, X, y, X_test, learning_rate, steps)
             m = c.at()
