@@ -14,7 +14,7 @@ Conventions (stated once here and in the README; THEORY.md §0.3, §1):
   user's global setting.
 """
 
-from . import activations, criticality, distributions, ensemble, gauss, models, nn, theory
+from . import activations, criticality, distributions, ensemble, gauss, mc_kernels, models, nn, theory
 from ._config import (
     ApproximationWarning,
     PrecisionWarning,
@@ -45,6 +45,7 @@ __all__ = [
     "ensemble",
     "gauss",
     "get_activation",
+    "mc_kernels",
     "models",
     "nn",
     "theory",
