@@ -3,12 +3,12 @@
 Prints, for N_A training and N_B test inputs (default 50 + 200, depth 3, width 64, one output):
 
 * ``prior_statistics`` on the N = N_A + N_B inputs (K, K^{1} exact; V factored, S = 4096 Monte
-  Carlo draws per layer) — the input of everything below, cold (compile included) and warm;
+  Carlo draws per propagated source, 16·S for the last) — the input of everything below, cold
+  (compile included) and warm;
 * the §5.2 contractions alone (``nlo_moments`` given the statistics), cold and warm;
 * ``nlo_posterior_moments`` and ``BayesianPosterior(order=1, form="gaussian")`` end to end, warm;
-* the previous paths, as baselines in the same run: the factored vertex built eagerly (now one
-  compiled program) and the contractions as 16 separately dispatched per-batch programs (now one
-  program over all batches), with the ratios;
+* the baseline in the same run: every source with S = 4096 draws (the previous default), its time
+  and Monte Carlo error, and the efficiency ratio (variance × time) of the current allocation;
 * the naive path at N = 20 (8 + 12): the exact dense vertex (O(N⁴) four-dimensional Gaussian
   integrals per layer) and the dense contractions, against the factored path at the same N, with
   the ratio; and the exact mixture posterior (``form="mixture"``) at N = 20.
@@ -31,9 +31,7 @@ jax.config.update("jax_enable_x64", True)
 
 import eft_prob as ep  # noqa: E402
 from eft_prob.distributions import BayesianPosterior  # noqa: E402
-from eft_prob.theory import bayes as _bayes  # noqa: E402
 from eft_prob.theory import four_point_vertex, nlo_posterior_moments, prior_statistics  # noqa: E402
-from eft_prob.theory import vertex as _vertex  # noqa: E402
 from eft_prob.theory.bayes import nlo_moments  # noqa: E402
 
 
@@ -76,35 +74,23 @@ def main(quick: bool = False, activation: str = "relu"):
     post = lambda: BayesianPosterior(spec, X, y, XT, s2, order=1, form="gaussian").scale_tril
     rows.append(("BayesianPosterior(order=1, form='gaussian'), warm", warm(post, repeat=1)))
 
-    # baselines in the same run: the previous (eager / per-batch) paths against the current ones
-    with jax.enable_x64(True):
-        Dj = jax.numpy.asarray(D)
-        (_, _, _), (K_tr, F_tr, D_tr) = _vertex._compute(spec, Dj, False, False, False, None, trace=True)
-        key = jax.random.PRNGKey(0)
-        build = lambda f: f(spec, K_tr, F_tr, D_tr, 4096, key).phi
-        t_fac_eager = warm(build, _vertex._factored, repeat=2)
-        t_fac_jit = warm(build, _vertex._factored_jit, repeat=2)
-        tr = _bayes._training(G[:nA, :nA], jax.numpy.asarray(y), s2)
-        Proj = G[nA:, :nA] @ tr.Gt
-
-        def per_batch():  # the previous path: one dispatched program per Monte Carlo batch
-            return [_bayes._vertex_terms_jit(Vb, tr, Proj, True, True) for Vb, _ in _bayes._batches(st.V)]
-
-        def one_program():
-            return _bayes._batched_terms_jit(st.V, tr, Proj, True, True, 16)
-
-        t_per_batch = warm(per_batch, repeat=2)
-        t_one = warm(one_program, repeat=2)
-        ref = per_batch()
-        new, _ = one_program()
-        agree = max(
-            float(np.abs(np.mean([r[k] for r in ref], 0) - np.asarray(new[k])).max() / np.abs(np.asarray(new[k])).max())
-            for k in range(3)
+    # baseline in the same run: every source with the same S = 4096 draws (the previous default)
+    # against the current allocation (16·S draws for the cheap last source), at equal accuracy per second
+    def mc_error(r):
+        return (
+            float(np.abs(r.mean_se).max() / np.abs(r.mean - r.gp_mean).max()),
+            float(np.abs(r.covariance_se).max() / np.abs(r.covariance - np.kron(r.gp_covariance, np.eye(1))).max()),
         )
-    rows.append(("factored vertex build, eager (previous path), warm", t_fac_eager))
-    rows.append(("factored vertex build, one compiled program, warm", t_fac_jit))
-    rows.append(("V terms, 16 per-batch programs (previous path), warm", t_per_batch))
-    rows.append(("V terms, one program over all batches, warm", t_one))
+
+    st_u = prior_statistics(spec, D, last_samples=4096)
+    r_u = nlo_moments(G, st_u.V, st_u.width, y, s2)
+    mc_u = mc_error(r_u)
+    t_stat_u = warm(prior_statistics, spec, D, last_samples=4096, repeat=1)
+    t_contract_u = warm(nlo_moments, G, st_u.V, st_u.width, y, s2)
+    t_stat = rows[1][1]
+    rows.append(("baseline: prior_statistics, S = 4096 for every source, warm", t_stat_u))
+    rows.append(("baseline: §5.2 contractions, S = 4096 for every source, warm", t_contract_u))
+    eff = [(eu**2 * (t_stat_u + t_contract_u)) / (e**2 * (t_stat + t_contract)) for eu, e in zip(mc_u, mc)]
 
     # the naive path at N = 20: exact dense V and dense contractions, vs factored at the same N
     n_a, n_b = 8, 12
@@ -131,16 +117,13 @@ def main(quick: bool = False, activation: str = "relu"):
     for name, t in rows:
         print(f"| {name} | {t:.3f} s |")
     print(
-        f"\nprevious/current paths: vertex build {t_fac_eager / t_fac_jit:.1f}x, V terms {t_per_batch / t_one:.1f}x "
-        f"(relative difference of the V terms {agree:.1e})"
+        f"\nMonte Carlo standard error at N={nA + nB}, largest entries, 1/n mean term / 1/n covariance term: "
+        f"uniform S=4096 {mc_u[0]:.0%} / {mc_u[1]:.0%}; last source 16·S {mc[0]:.0%} / {mc[1]:.0%}; "
+        f"efficiency (variance × time, uniform / current) {eff[0]:.1f}x / {eff[1]:.1f}x"
     )
     print(
         f"N=20 dense/factored: statistics {t_dense_v / t_fact_v:.1f}x, contractions {t_dense_c / t_fact_c:.2f}x; "
         f"Monte Carlo error of the factored 1/n mean term: {rel:.1%} of it"
-    )
-    print(
-        f"Monte Carlo standard error at N={nA + nB} (S=4096): {mc[0]:.0%} of the 1/n mean term, "
-        f"{mc[1]:.0%} of the 1/n covariance term (largest entries)"
     )
     # the dense vertex has C(N+3, 4) distinct entries: its cost at N_A + N_B, extrapolated
     from math import comb

@@ -217,6 +217,16 @@ def _rank_one_chunk(M, ph, w, Gt, F, yt, Proj, rows):
     return T3, (Rf @ Rf.T).reshape(nB, nL, nB, nL), W, e_y, e_g
 
 
+def _chunked_draws(phi, w):
+    """Draws (S, N) and their weight w as (chunks, c, N) and (chunks, c): padding columns weigh 0."""
+    S, N = phi.shape
+    c = min(_CHUNK, S)
+    chunks = -(-S // c)
+    pad = chunks * c - S
+    mask = jnp.pad(jnp.ones((S,), phi.dtype), (0, pad))
+    return jnp.pad(phi, ((0, pad), (0, 0))).reshape(chunks, c, N), (mask * w).reshape(chunks, c)
+
+
 @functools.partial(jax.jit, static_argnames=("last_rank_one",))
 def _factored_cross(fv, Gt, F, yt, Proj, last_rank_one=True):
     """The cross contractions of a FactoredVertex V = Σ_s w_s Y_s⊗Y_s, accumulated over its columns.
@@ -231,24 +241,7 @@ def _factored_cross(fv, Gt, F, yt, Proj, last_rank_one=True):
     nA, nL = yt.shape
     nB = Proj.shape[0]
     rows = nA + nB
-    N = fv.M.shape[-1]
-    L, S = fv.phi.shape[:2]
-    c = min(_CHUNK, S)
-    chunks = -(-S // c)
-    pad = chunks * c - S
-    phi = jnp.pad(fv.phi, ((0, 0), (0, pad), (0, 0))).reshape(L, chunks, c, N)
-    mask = jnp.pad(jnp.ones((L, S), fv.phi.dtype), ((0, 0), (0, pad)))
-    wts = (mask * fv.weight[:, None]).reshape(L, chunks, c)
     args = (Gt, F, yt, Proj, rows)
-
-    def add(acc, inc):
-        return tuple(a + b for a, b in zip(acc, inc))
-
-    def general_layer(acc, xs):
-        M, P, A, B, phi_l, w_l = xs
-        step = lambda acc, x: (add(acc, _general_chunk((M, P, A, B), x[0], x[1], *args)), None)
-        return lax.scan(step, acc, (phi_l, w_l))[0], None
-
     dtype = fv.M.dtype
     acc = (
         jnp.zeros((rows, nL), dtype),
@@ -257,14 +250,30 @@ def _factored_cross(fv, Gt, F, yt, Proj, last_rank_one=True):
         jnp.zeros((), dtype),
         jnp.zeros((), dtype),
     )
-    n_general = L - 1 if last_rank_one else L
-    if n_general:
-        xs = (fv.M, fv.P, fv.A, fv.B, phi, wts)
-        acc = lax.scan(general_layer, acc, tuple(x[:n_general] for x in xs))[0]
+    n_sources = fv.M.shape[0]
+    if n_sources == 0:
+        return acc
+
+    def add(acc, inc):
+        return tuple(a + b for a, b in zip(acc, inc))
+
+    def general_layer(acc, xs):
+        M, P, A, B, phi_l, w_l = xs
+        ph, wt = _chunked_draws(phi_l, w_l)
+        step = lambda acc, x: (add(acc, _general_chunk((M, P, A, B), x[0], x[1], *args)), None)
+        return lax.scan(step, acc, (ph, wt))[0], None
+
+    n_prop = n_sources - 1  # the propagated sources, which share S draws
+    if n_prop:
+        xs = (fv.M[:n_prop], fv.P[:n_prop], fv.A[:n_prop], fv.B[:n_prop], fv.phi, fv.weight[:n_prop])
+        acc = lax.scan(general_layer, acc, xs)[0]
+    last = (fv.M[-1], fv.P[-1], fv.A[-1], fv.B[-1], fv.last, fv.weight[-1])
     if last_rank_one:
-        M = fv.M[-1]
-        step = lambda acc, x: (add(acc, _rank_one_chunk(M, x[0], x[1], *args)), None)
-        acc = lax.scan(step, acc, (phi[-1], wts[-1]))[0]
+        ph, wt = _chunked_draws(fv.last, fv.weight[-1])
+        step = lambda acc, x: (add(acc, _rank_one_chunk(fv.M[-1], x[0], x[1], *args)), None)
+        acc = lax.scan(step, acc, (ph, wt))[0]
+    else:
+        acc = general_layer(acc, last)[0]
     return acc
 
 
@@ -340,20 +349,26 @@ _vertex_terms_jit = jax.jit(_vertex_terms, static_argnames=("moments", "rank_one
 
 
 def _batches(fv):
-    """The factored vertex as _MC_BATCHES independent estimates (disjoint sets of its Monte Carlo
-    columns, each reweighted to be unbiased on its own), with their shares of the full estimate."""
-    S = fv.phi.shape[1]
-    parts = np.array_split(np.arange(S), min(_MC_BATCHES, S // 2))
-    return [(fv._replace(phi=fv.phi[:, p], weight=fv.weight * (S / p.size)), p.size / S) for p in parts]
+    """The factored vertex as _MC_BATCHES independent estimates (disjoint sets of the draws of every
+    source, each set reweighted to be unbiased on its own), for the standard errors when the draws
+    do not divide evenly into equal sets."""
+    S, S_last = fv.phi.shape[1], fv.last.shape[0]
+    b = min(_MC_BATCHES, min(S, S_last) // 2)
+    out = []
+    for p, q in zip(np.array_split(np.arange(S), b), np.array_split(np.arange(S_last), b)):
+        scale = jnp.asarray([S / p.size] * (fv.n_sources - 1) + [S_last / q.size], fv.weight.dtype)
+        out.append(fv._replace(phi=fv.phi[:, p], last=fv.last[q], weight=fv.weight * scale))
+    return out
 
 
 def _batched_terms(V, tr: _Training, Proj, moments: bool, rank_one: bool, b: int):
-    """_vertex_terms over b equal disjoint batches of the factored vertex's columns (each reweighted to
+    """_vertex_terms over b equal disjoint batches of the factored vertex's draws (each reweighted to
     be unbiased on its own), in one traced program: (their mean, its standard error) per term."""
     L, S, N = V.phi.shape
-    phi = V.phi.reshape(L, b, S // b, N).transpose(1, 0, 2, 3)  # (b, L, S/b, N), contiguous column blocks
+    phi = V.phi.reshape(L, b, S // b, N).transpose(1, 0, 2, 3)  # (b, L-2, S/b, N), contiguous blocks
+    last = V.last.reshape(b, -1, N)
     Vb = V._replace(weight=V.weight * b)
-    runs = lax.map(lambda ph: _vertex_terms(Vb._replace(phi=ph), tr, Proj, moments, rank_one), phi)
+    runs = lax.map(lambda x: _vertex_terms(Vb._replace(phi=x[0], last=x[1]), tr, Proj, moments, rank_one), (phi, last))
     terms = tuple(jnp.mean(t, axis=0) for t in runs)
     se = tuple(jnp.sqrt(jnp.sum((t - m) ** 2, axis=0) / (b * (b - 1))) for t, m in zip(runs, terms))
     return terms, se
@@ -369,19 +384,20 @@ def _nlo(G, V, width, y, noise_var, moments: bool):
     n = jnp.asarray(width, G.dtype)
     tr = _training(G[:nA, :nA], y, noise_var)
     Proj = G[nA : nA + nB, :nA] @ tr.Gt  # (N_B, N_A)
-    if _is_factored(V):
+    if _is_factored(V) and V.n_sources:
         rank_one = _last_layer_rank_one(V)
-        S = V.phi.shape[1]
-        b = min(_MC_BATCHES, S // 2)
-        if S % b == 0:  # one compiled program for all batches
+        S, S_last = V.phi.shape[1], V.last.shape[0]
+        b = min(_MC_BATCHES, min(S, S_last) // 2)
+        if S % b == 0 and S_last % b == 0:  # one compiled program for all batches
             fn = _batched_terms_jit if is_concrete(V, tr, Proj) else _batched_terms
             terms, se = fn(V, tr, Proj, moments, rank_one, b)
             terms, se = list(terms), list(se)
         else:
-            runs = [(_vertex_terms_jit(Vb, tr, Proj, moments, rank_one), share) for Vb, share in _batches(V)]
-            terms = [sum(t[k] * share for t, share in runs) for k in range(len(runs[0][0]))]
+            terms = list(_vertex_terms_jit(V, tr, Proj, moments, rank_one))  # all draws at once
+            runs = [_vertex_terms_jit(Vb, tr, Proj, moments, rank_one) for Vb in _batches(V)]
             b = len(runs)
-            se = [jnp.sqrt(sum((t[k] - terms[k]) ** 2 for t, _ in runs) / (b * (b - 1))) for k in range(len(terms))]
+            avg = [sum(t[k] for t in runs) / b for k in range(len(terms))]
+            se = [jnp.sqrt(sum((t[k] - avg[k]) ** 2 for t in runs) / (b * (b - 1))) for k in range(len(terms))]
     else:
         terms = list(_vertex_terms(V, tr, Proj, moments))
         se = [jnp.zeros_like(t) for t in terms]
@@ -477,10 +493,11 @@ def _warn_regime(spec, D, st, what):
     N = D.shape[0]
     if _is_factored(st.V):  # V_(αα)(αα) = Σ_s w_s Y_s[α, α]²
         fv = st.V
-        dg = lambda a: jnp.diagonal(a, axis1=-2, axis2=-1)
-        u = fv.phi**2 - dg(fv.M)[:, None, :]
-        Yd = dg(fv.P)[:, None] * u + (dg(fv.A) + dg(fv.B))[:, None] * u
-        Vd = jnp.einsum("l,lsa->a", fv.weight, Yd**2)
+        Vd = jnp.zeros((N,), fv.M.dtype)
+        for layer in range(fv.n_sources):
+            u = fv.samples(layer) ** 2 - jnp.diagonal(fv.M[layer])[None]
+            Yd = (jnp.diagonal(fv.P[layer]) + jnp.diagonal(fv.A[layer]) + jnp.diagonal(fv.B[layer]))[None] * u
+            Vd = Vd + fv.weight[layer] * jnp.sum(Yd**2, axis=0)
     else:
         Vd = st.V[jnp.arange(N), jnp.arange(N), jnp.arange(N), jnp.arange(N)]
     Kd = np.asarray(jnp.diagonal(st.K))
@@ -502,10 +519,11 @@ def _warn_mc(V, pairs, what, samples):
     rel = max(float(jnp.max(jnp.abs(se))) / max(float(jnp.max(jnp.abs(t))), 1e-300) for se, t in pairs)
     if rel > MC_WARN:
         warnings.warn(
-            f"{what}: the Monte Carlo error of the factored vertex (samples={samples} per layer, used above 24 "
-            f"inputs) is {rel:.0%} of the O(1/n) correction it estimates (contractions against the inverse "
-            "training kernel cancel strongly). Raise samples= (the error falls like 1/√samples), or use at most "
-            "24 inputs for the exact vertex; the standard errors are in the returned mean_se/covariance_se.",
+            f"{what}: the Monte Carlo error of the factored vertex (samples={samples} per propagated layer and "
+            f"up to 16× that for the last one; used above 24 inputs) is {rel:.0%} of the O(1/n) correction it "
+            "estimates (contractions against the inverse training kernel cancel strongly). Raise samples= (the "
+            "error falls like 1/√samples), or use at most 24 inputs for the exact vertex; the standard errors are "
+            "in the returned mean_se/covariance_se.",
             ApproximationWarning,
             stacklevel=4,
         )

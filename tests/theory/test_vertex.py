@@ -510,7 +510,8 @@ def test_factored_vertex_agrees_with_dense_within_its_monte_carlo_error(act):
     # exact parts of the same pass: K and K^{1}
     np.testing.assert_allclose(st.K, ep.theory.nngp(spec, x), rtol=1e-10)
     np.testing.assert_allclose(st.K1, ep.theory.nlo_kernel(spec, x), rtol=1e-9, atol=1e-12)
-    assert st.width == 32 and st.V.rank == 3 * 4096  # one source per step ℓ -> ℓ+1, ℓ = 1..L-1
+    # one source per step ℓ -> ℓ+1, ℓ = 1..L-1: two propagated ones with S draws, the last with 16·S
+    assert st.width == 32 and st.V.rank == 2 * 4096 + 16 * 4096 and st.V.last.shape == (16 * 4096, 5)
 
 
 def test_factored_vertex_contractions_are_the_dense_algebra():
@@ -542,3 +543,22 @@ def test_prior_statistics_switches_to_the_factored_vertex_above_24_inputs():
     assert st.V.shape == (5,) * 4
     with pytest.raises(ValueError, match="samples"):
         prior_statistics(spec, np.linspace(-1, 1, 5)[:, None], factored=True, samples=0)
+
+
+@pytest.mark.parametrize("slopes", [(1.0, 0.0), (1.0, 0.2), (0.7, -1.3)])
+def test_scale_invariant_pair_fourth_moments_closed_form_equals_the_polar_rule(slopes):
+    """⟨σ_a^j σ_b^(4-j)⟩ in closed form (four arcs, elementary angular integrals) against the
+    kink-aware polar rule, including identical, opposite, scaled and zero inputs; and its gradient."""
+    from eft_prob.activations import _scale_invariant
+    from eft_prob.theory.vertex import _scale_invariant_fourth, _scale_invariant_fourth_quadrature
+
+    act = _scale_invariant("test", *slopes)
+    x = np.random.default_rng(5).normal(size=(12, 3))
+    x[3], x[5], x[6], x[7] = 0.0, x[4], -x[4], 2 * x[4]
+    K = jnp.asarray(x @ x.T / 3)
+    a, b = _scale_invariant_fourth(act, K), _scale_invariant_fourth_quadrature(act, K, None)
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14 * float(jnp.abs(b).max()))
+    ga = jax.grad(lambda c: jnp.sum(_scale_invariant_fourth(act, c * K)[1]))(1.3)
+    gb = jax.grad(lambda c: jnp.sum(_scale_invariant_fourth_quadrature(act, c * K, None)[1]))(1.3)
+    np.testing.assert_allclose(ga, gb, rtol=1e-10)
+    assert bool(jnp.all(jnp.isfinite(jax.grad(lambda k: jnp.sum(_scale_invariant_fourth(act, k)))(K))))
