@@ -1,11 +1,18 @@
 """Ensembles of real networks: prior draws (outputs or output-layer metrics) and full-batch GD
-training.
+training, sharded over the local devices.
 
 Every network gets its own key from ``jax.random.split(key, n_networks)``, so results do not
-depend on the chunk size.  Prior draws are vmapped in padded chunks (each function compiles once).
-Training (:func:`train`) shards the network axis over the local devices (``shard_map`` on a 1-D
-mesh), runs ``lax.map`` over each device's networks and a ``lax.scan`` over GD steps, stops
+depend on the chunk size or on the number of devices.  Prior draws (:func:`prior_outputs`,
+:func:`prior_kernels`, and any per-network Monte Carlo through :func:`map_networks`) run
+``shard_map`` over a 1-D mesh of the local devices, each device vmapping its networks in padded
+chunks (each function compiles once).  Training (:func:`train`) shards the network axis the same
+way, runs ``lax.map`` over each device's networks and a ``lax.scan`` over GD steps, stops
 networks whose loss turns NaN/inf, and can checkpoint finished chunks to resume a killed run.
+
+Several processes (hosts): ``part=(i, P)`` computes only the i-th of P contiguous blocks of the
+M networks with their keys from the full split, so the blocks of processes 0..P-1, concatenated,
+are the single-process ensemble; :mod:`eft_prob.distributed` does that under ``jax.distributed``
+and gathers the blocks.
 """
 
 from __future__ import annotations
@@ -14,7 +21,6 @@ import collections
 import contextlib
 import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -36,9 +42,10 @@ from .spec import MLPSpec
 from .theory.kernels import ntk
 from .theory.training import stability_bound
 
-__all__ = ["TrainResult", "auto_chunk", "prior_kernels", "prior_outputs", "train"]
+__all__ = ["TrainResult", "auto_chunk", "map_networks", "part_range", "prior_kernels", "prior_outputs", "train"]
 
 _CHUNK_BYTES = 256 * 2**20
+_AXIS = "networks"  # the mesh axis the network axis is sharded over
 
 
 # On the CPU backend XLA runs large batched matmuls slower than a loop over networks: measured on
@@ -64,38 +71,148 @@ def _check_count(name, value):
     return int(value)
 
 
-def _chunked(fn, keys, chunk, *args):
-    """Apply jit(vmap(fn)) over keys in padded chunks; returns a pytree stacked over all keys."""
-    M = keys.shape[0]
-    n_chunks = math.ceil(M / chunk)
-    pad = n_chunks * chunk - M
+def part_range(n_networks: int, part=None) -> range:
+    """The networks of ``part=(i, P)``: the i-th of P contiguous blocks of ``range(n_networks)``,
+    sizes differing by at most one (``range(n_networks)`` for ``part=None``).
+
+    Block i is ``range(i·M // P, (i+1)·M // P)``; process i of P computes it with network m still
+    drawn from key m of ``jax.random.split(key, M)``, so the blocks concatenate to the whole ensemble.
+    """
+    M = _check_count("n_networks", n_networks)
+    if part is None:
+        return range(M)
+    ok = isinstance(part, (tuple, list)) and len(part) == 2
+    ok = ok and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in part)
+    if not ok or not (part[1] >= 1 and 0 <= part[0] < part[1]):
+        raise ValueError(
+            f"part must be None or (index, count) with 0 <= index < count, e.g. (jax.process_index(), "
+            f"jax.process_count()), got {part!r}."
+        )
+    i, P_ = int(part[0]), int(part[1])
+    if P_ > M:
+        raise ValueError(f"part={part!r} splits {M} networks into {P_} parts: use at least one network per part.")
+    return range(i * M // P_, (i + 1) * M // P_)
+
+
+_MAP_PROGRAMS: collections.OrderedDict = collections.OrderedDict()
+
+
+def _map_program(fn, mesh, n_args: int, cache_key):
+    """jit(shard_map(vmap(fn))) over the mesh's axis, reused for an equal ``cache_key`` (default:
+    the function itself) and the same devices, so repeated calls compile once."""
+    key = (fn if cache_key is None else cache_key, tuple(mesh.devices.flat), n_args)
+    try:
+        hash(key)
+    except TypeError:  # array-valued hyperparameters in the key: no caching
+        key = None
+    if key is not None and key in _MAP_PROGRAMS:
+        _MAP_PROGRAMS.move_to_end(key)
+        return _MAP_PROGRAMS[key]
+    per_device = jax.vmap(fn, in_axes=(0,) + (None,) * n_args)
+    # check_vma=False: no collectives, each device maps its own networks
+    program = jax.jit(
+        jax.shard_map(per_device, mesh=mesh, in_specs=(P(_AXIS),) + (P(),) * n_args, out_specs=P(_AXIS),
+                      check_vma=False)
+    )  # fmt: skip
+    if key is not None:
+        _MAP_PROGRAMS[key] = program
+        while len(_MAP_PROGRAMS) > 16:
+            _MAP_PROGRAMS.popitem(last=False)
+    return program
+
+
+def _sharded_map(fn, keys, chunk, devices, *args, cache_key=None):
+    """``fn(key, *args)`` for every key; returns a pytree stacked over the keys, on ``devices[0]``.
+
+    One compiled call takes ``c × len(devices)`` keys (c = min(chunk, ⌈M / len(devices)⌉), padded
+    with copies of the last key): ``shard_map`` over a 1-D mesh of the devices, each device vmapping
+    its c networks, ``args`` replicated.  Network m's arithmetic is the per-network vmap body, so it
+    does not depend on the number of devices or on ``chunk`` (checked bit for bit).
+    """
+    M, n_dev = keys.shape[0], len(devices)
+    c = min(chunk, -(-M // n_dev))
+    per_call = c * n_dev
+    n_calls = -(-M // per_call)
+    pad = n_calls * per_call - M
     if pad:
         keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], pad, axis=0)])
-    vf = jax.jit(jax.vmap(fn, in_axes=(0,) + (None,) * len(args)))
-    outs = [vf(keys[c * chunk : (c + 1) * chunk], *args) for c in range(n_chunks)]
-    out = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs)[:M], *outs)
-    return out
+    mesh = Mesh(np.asarray(devices), (_AXIS,))
+    program = _map_program(fn, mesh, len(args), cache_key)
+    rep = NamedSharding(mesh, P())
+    args = tuple(jax.device_put(a, rep) for a in args)
+    home = devices[0]
+    outs = []
+    for i in range(n_calls):
+        k = jax.device_put(keys[i * per_call : (i + 1) * per_call], NamedSharding(mesh, P(_AXIS)))
+        outs.append(jax.device_put(program(k, *args), home))
+    return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs)[:M], *outs)
 
 
-def prior_outputs(spec: MLPSpec, X, n_networks: int, key, *, chunk_size: int | None = None, layers: bool = False):
+def map_networks(
+    fn, n_networks: int, key, *args, chunk_size: int | None = None, devices=None, part=None, _cache_key=None
+):
+    """``fn(key_m, *args)`` for the M networks' keys ``jax.random.split(key, M)``, sharded over devices.
+
+    The Monte Carlo primitive behind :func:`prior_outputs` and :func:`prior_kernels`, for any
+    per-network statistic (an empirical NTK, a trained network, ...): ``fn`` maps one PRNG key
+    and the replicated ``args`` to a pytree of arrays.  Returns that pytree stacked over networks
+    (leading axis M, or ``len(part_range(M, part))``), on the first device.
+
+    ``chunk_size``: networks vmapped per device and compiled call (default: all of a device's
+    networks at once).  ``devices``: default ``jax.local_devices()``.  ``part``: see
+    :func:`part_range`.  Results do not depend on ``chunk_size`` or the devices: network m
+    always gets key m and the same per-network arithmetic.  The compiled program is reused when
+    ``fn`` is the same function object.
+    """
+    M = _check_count("n_networks", n_networks)
+    rng = part_range(M, part)
+    devices = _check_devices(devices)
+    keys = jax.random.split(_check_key(key), M)[rng.start : rng.stop]
+    chunk = len(rng) if chunk_size is None else _check_count("chunk_size", chunk_size)
+    return _sharded_map(fn, keys, chunk, devices, *args, cache_key=_cache_key)
+
+
+def prior_outputs(
+    spec: MLPSpec,
+    X,
+    n_networks: int,
+    key,
+    *,
+    chunk_size: int | None = None,
+    layers: bool = False,
+    devices=None,
+    part=None,
+):
     """Outputs f(X) of ``n_networks`` independent networks drawn from the prior.
 
     Returns (M, N, n_L); with ``layers=True`` a list of all preactivations [(M, N, n_ℓ)].
+    Network m is drawn from key m of ``jax.random.split(key, M)``.  The networks are sharded over
+    ``devices`` (default ``jax.local_devices()``), ``chunk_size`` of them vmapped per device and
+    compiled call (default :func:`auto_chunk`); results do not depend on either.  ``part=(i, P)``
+    returns only the networks ``part_range(M, part)`` (one process's block, see :func:`part_range`).
     """
     X = check_inputs(spec, X)
     M = _check_count("n_networks", n_networks)
-    chunk = chunk_size or auto_chunk(spec, X.shape[0], M)
-    keys = jax.random.split(key, M)
+    chunk = _check_count("chunk_size", chunk_size or auto_chunk(spec, X.shape[0], M))
 
     def one(k, X):
         zs = nn.preactivations(spec, nn.init(spec, k, X.dtype), X)
         return zs if layers else zs[-1]
 
-    return _chunked(one, keys, _check_count("chunk_size", chunk), X)
+    cache = ("prior_outputs", *spec.tree_flatten(), X.dtype.str, layers)
+    return map_networks(one, M, key, X, chunk_size=chunk, devices=devices, part=part, _cache_key=cache)
 
 
 def prior_kernels(
-    spec: MLPSpec, X, n_networks: int, key, *, chunk_size: int | None = None, layers: bool = False
+    spec: MLPSpec,
+    X,
+    n_networks: int,
+    key,
+    *,
+    chunk_size: int | None = None,
+    layers: bool = False,
+    devices=None,
+    part=None,
 ) -> jax.Array | list[jax.Array]:
     """The output-layer metric Ĝ^(L) of ``n_networks`` independent prior networks, (M, N, N).
 
@@ -110,13 +227,13 @@ def prior_kernels(
     * E[z_{i;α}⁴] - 3 E[z_{i;α}²]² = 3 Var(Ĝ_{αα}).
 
     Network m is network m of ``prior_outputs(spec, X, n_networks, key)`` (the same per-network
-    key), so results do not depend on ``chunk_size``.  With ``layers=True`` returns the list
-    [Ĝ^(1), ..., Ĝ^(L)] of every layer's metric, each (M, N, N).  Float64 when x64 is enabled.
+    key), so results do not depend on ``chunk_size`` or ``devices``; ``part`` as there.  With
+    ``layers=True`` returns the list [Ĝ^(1), ..., Ĝ^(L)] of every layer's metric, each (M, N, N).
+    Float64 when x64 is enabled.
     """
     X = check_inputs(spec, X)
     M = _check_count("n_networks", n_networks)
-    chunk = chunk_size or auto_chunk(spec, X.shape[0], M)
-    keys = jax.random.split(key, M)
+    chunk = _check_count("chunk_size", chunk_size or auto_chunk(spec, X.shape[0], M))
     C_b, C_W = spec.layer_values("C_b", X.dtype), spec.layer_values("C_W", X.dtype)
     sigma = spec.activation.fn
 
@@ -127,7 +244,8 @@ def prior_kernels(
         Gs = [C_b[ell] + C_W[ell] * (h @ h.T) / h.shape[-1] for ell, h in enumerate(hs)]
         return Gs if layers else Gs[-1]
 
-    return _chunked(one, keys, _check_count("chunk_size", chunk), X)
+    cache = ("prior_kernels", *spec.tree_flatten(), X.dtype.str, layers)
+    return map_networks(one, M, key, X, chunk_size=chunk, devices=devices, part=part, _cache_key=cache)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -140,7 +258,6 @@ def prior_kernels(
 # differently from a single one, and chaotic GD trajectories amplify the last-bit difference), so
 # ``batch_size`` is recorded with a checkpoint.
 
-_AXIS = "networks"
 _FORMAT = "eft_prob.ensemble.train/1"
 _FIELDS = ("train_init", "test_init", "train_final", "test_final", "loss", "diverged", "steps_done")
 _MANIFEST = "manifest.json"
@@ -314,8 +431,9 @@ def _check_devices(devices):
         raise ValueError(f"devices must all be of one platform, got {sorted({d.platform for d in devices})}.")
     if any(d.process_index != jax.process_index() for d in devices):
         raise ValueError(
-            "devices must be local to this process (jax.local_devices()); for several hosts run one "
-            "process per host with keys jax.random.fold_in(key, host_index) and merge the ensembles."
+            "devices must be local to this process (jax.local_devices()); for several hosts use "
+            "eft_prob.distributed (each process computes its part=(jax.process_index(), jax.process_count()) "
+            "of the ensemble on its local devices, and the parts are gathered)."
         )
     return devices
 
@@ -517,6 +635,7 @@ def train(
     checkpoint=None,
     progress: bool = False,
     devices=None,
+    part=None,
 ) -> TrainResult:
     """Train ``n_networks`` independent networks by full-batch GD on L = ½ Σ (f(X) − y)².
 
@@ -555,6 +674,12 @@ def train(
     devices : sequence of jax devices, optional
         Default ``jax.local_devices()``.  The network axis is sharded over a 1-D mesh of them
         (``shard_map``: each device trains its own networks, no communication).
+    part : (index, count), optional
+        Train only the block ``part_range(M, part)`` of the M networks (network m still gets key
+        m), e.g. ``(jax.process_index(), jax.process_count())`` on each of several hosts; the
+        blocks concatenate to the full ensemble bit for bit.  The results then have that block's
+        length; with ``checkpoint`` give each part its own directory
+        (:func:`eft_prob.distributed.trained_ensemble` gathers the blocks).
 
     Returns
     -------
@@ -585,6 +710,7 @@ def train(
     batch_size = _check_optional_count("batch_size", batch_size)
     devices = _check_devices(devices)
     key = _check_key(key)
+    networks = part_range(M, part)
     if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
         raise ValueError(f"checkpoint must be a directory path or None, got {checkpoint!r}.")
     scope = jax.enable_x64(True) if dt == np.float64 and not jax.config.jax_enable_x64 else contextlib.nullcontext()
@@ -595,12 +721,13 @@ def train(
         _warn_if_unstable(spec, X, eta)
         X, y, X_test = (a.astype(dt) for a in (X, y, X_test))
         result = _train(
-            spec, X, y, X_test, M, eta, steps, key, dt, chunk_size, batch_size, checkpoint, progress, devices
-        )
+            spec, X, y, X_test, M, eta, steps, key, dt, chunk_size, batch_size, checkpoint, progress, devices,
+            networks, part,
+        )  # fmt: skip
     n_div = int(result.diverged.sum())
     if n_div:
         warnings.warn(
-            f"{n_div} of {M} networks diverged (their training loss became NaN or infinite, first after "
+            f"{n_div} of {len(networks)} networks diverged (their training loss became NaN or infinite, first after "
             f"GD step {int(result.steps_done[result.diverged].min()) + 1}); they were stopped at their last finite "
             "state and are flagged in TrainResult.diverged. Lower learning_rate to keep them.",
             StabilityWarning,
@@ -622,12 +749,19 @@ def _warn_if_unstable(spec: MLPSpec, X, eta: float) -> None:
         )
 
 
-def _train(spec, X, y, X_test, M, eta, steps, key, dt, chunk_size, batch_size, checkpoint, progress, devices):
+def _train(
+    spec, X, y, X_test, M_all, eta, steps, key, dt, chunk_size, batch_size, checkpoint, progress, devices, networks,
+    part,
+):  # fmt: skip
+    # M_all networks in the run, of which this call trains the block ``networks`` (M of them)
+    M = len(networks)
     n_dev, N, Nt, nL = len(devices), X.shape[0], X_test.shape[0], spec.output_dim
     platform = devices[0].platform
     ck = None
     if checkpoint is not None:
-        fields = _fingerprint_fields(spec, X, y, X_test, M, eta, steps, key, dt)
+        fields = _fingerprint_fields(spec, X, y, X_test, M_all, eta, steps, key, dt)
+        if part is not None:
+            fields["part"] = f"{networks.start}:{networks.stop}"
         ck = _Checkpoint(checkpoint, fields, chunk_size and min(chunk_size, M), batch_size, platform)
         if ck.stored is not None:
             chunk_size, batch_size = ck.stored["chunk_size"], ck.stored["batch_size"]
@@ -659,7 +793,7 @@ def _train(spec, X, y, X_test, M, eta, steps, key, dt, chunk_size, batch_size, c
         mesh = Mesh(np.asarray(devices), (_AXIS,))
         program = _cached_program(spec, dt, eta, steps, B, mesh)
         X, y, X_test = jax.device_put((X, y, X_test), NamedSharding(mesh, P()))
-        keys = jax.random.split(key, M)
+        keys = jax.random.split(key, M_all)[networks.start : networks.stop]
         for c, start, stop in todo:
             k = keys[start:stop]
             if stop - start < padded:  # padding networks (copies of the last key) are dropped below

@@ -43,6 +43,7 @@ from .spec import MLPSpec
 
 __all__ = [
     "NUTSDivergenceWarning",
+    "chain_layout",
     "choose_chain_method",
     "convergence_summary",
     "function_space_vars",
@@ -61,15 +62,16 @@ class NUTSDivergenceWarning(UserWarning):
 
 # -- chain method -------------------------------------------------------------------------------
 def choose_chain_method(num_chains: int, *, backend: str | None = None, device_count: int | None = None) -> str:
-    """How to run ``num_chains`` NUTS chains on this machine (ECOSYSTEM.md §3.2, §4.3).
+    """How to run ``num_chains`` NUTS chains on this process's devices (ECOSYSTEM.md §3.2, §4.3).
 
-    * ``"parallel"``: one chain per device (pmap), when there are at least as many local
-      devices as chains (on CPU: ``XLA_FLAGS=--xla_force_host_platform_device_count=k`` or
-      ``numpyro.set_host_device_count(k)`` before JAX starts).
-    * ``"sharded"``: more chains than devices, several devices, chains a multiple of the device
-      count: vmap within a device, shard_map across devices.
+    * ``"parallel"``: one chain per device, when there are at least as many local devices as
+      chains (on CPU: ``XLA_FLAGS=--xla_force_host_platform_device_count=k`` before JAX starts).
+    * ``"sharded"``: more chains than devices, several devices: ⌈chains/devices⌉ chains per device.
     * ``"vectorized"``: a single accelerator (GPU/TPU) runs all chains in lock-step with vmap.
     * ``"sequential"``: otherwise (one CPU device), one chain after another.
+
+    ``"parallel"`` and ``"sharded"`` are one ``jax.shard_map`` over a 1-D mesh of the local devices
+    (numpyro's ``pmap`` is never used); see :func:`run_nuts` for what runs on each device.
     """
     backend = jax.default_backend() if backend is None else backend
     devices = jax.local_device_count() if device_count is None else device_count
@@ -77,20 +79,55 @@ def choose_chain_method(num_chains: int, *, backend: str | None = None, device_c
         return "sequential"
     if devices >= num_chains:
         return "parallel"
-    if devices > 1 and num_chains % devices == 0:
+    if devices > 1:
         return "sharded"
     if backend != "cpu":
         return "vectorized"
     return "sequential"
 
 
-def _sharded_chains(fn):
-    """numpyro ``chain_method`` callable: vmap over the chains on each device, shard_map across."""
-    from jax.sharding import AxisType
+def chain_layout(num_chains: int, device_count: int) -> tuple[int, int]:
+    """(devices used, chains per device) of the ``"parallel"``/``"sharded"`` methods.
+
+    As few rounds as the devices allow (⌈chains/devices⌉ chains per device), spread over as few
+    devices as that needs, so at most ``devices used − 1`` padding chains are run and dropped.
+    """
+    per_device = -(-num_chains // device_count)
+    return -(-num_chains // per_device), per_device
+
+
+def _sharded_chains(num_chains: int, devices):
+    """numpyro ``chain_method`` callable: ``shard_map`` of the chains over a 1-D mesh of ``devices``.
+
+    Each device runs its chains with ``lax.map`` on CPUs (one after another inside the compiled
+    program: a chain's arithmetic is then the same whatever the number of devices or processes,
+    and NUTS chains of different tree depths do not wait for each other) and with ``vmap`` on
+    accelerators (lock-step, to keep the device busy).  Chains are padded to devices × rounds with
+    copies of the last one, dropped afterwards.
+    """
+    from jax.sharding import AxisType, Mesh
     from jax.sharding import PartitionSpec as P
 
-    mesh = jax.make_mesh((jax.local_device_count(),), ("chain",), axis_types=(AxisType.Auto,))
-    return jax.jit(jax.shard_map(jax.vmap(fn), mesh=mesh, in_specs=P("chain"), out_specs=P("chain"), check_vma=False))
+    used, per_device = chain_layout(num_chains, len(devices))
+    padded = used * per_device
+    # Auto axes: with the default Explicit ones shard_map refuses numpyro's unsharded inputs
+    mesh = Mesh(np.asarray(devices[:used]), ("chain",), axis_types=(AxisType.Auto,))
+    batched = devices[0].platform != "cpu"
+
+    def method(fn):
+        per_dev = jax.vmap(fn) if batched else (lambda chains: jax.lax.map(fn, chains))
+        run = jax.jit(jax.shard_map(per_dev, mesh=mesh, in_specs=P("chain"), out_specs=P("chain"), check_vma=False))
+
+        def call(map_args):
+            if padded > num_chains:
+                map_args = jax.tree_util.tree_map(
+                    lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], padded - num_chains, axis=0)]), map_args
+                )
+            return jax.tree_util.tree_map(lambda a: a[:num_chains], run(map_args))
+
+        return call
+
+    return method
 
 
 def _resolve_chain_method(chain_method, num_chains: int):
@@ -98,20 +135,18 @@ def _resolve_chain_method(chain_method, num_chains: int):
         chain_method = choose_chain_method(num_chains)
     if chain_method not in CHAIN_METHODS:
         raise ValueError(f"chain_method must be None (automatic) or one of {CHAIN_METHODS}, got {chain_method!r}.")
-    devices = jax.local_device_count()
-    if chain_method == "parallel" and devices < num_chains:
+    devices = jax.local_devices()
+    if chain_method == "parallel" and len(devices) < num_chains:
         raise ValueError(
             f"chain_method='parallel' needs one device per chain: num_chains={num_chains} but "
-            f"jax.local_device_count()={devices}. On CPU set XLA_FLAGS="
-            f"--xla_force_host_platform_device_count={num_chains} before JAX starts, or use chain_method=None."
+            f"jax.local_device_count()={len(devices)}. On CPU set XLA_FLAGS="
+            f"--xla_force_host_platform_device_count={num_chains} before JAX starts, or use "
+            "chain_method='sharded' (several chains per device) or None."
         )
-    if chain_method == "sharded":
-        if num_chains % devices:
-            raise ValueError(
-                f"chain_method='sharded' needs num_chains ({num_chains}) to be a multiple of "
-                f"jax.local_device_count() ({devices})."
-            )
-        return chain_method, _sharded_chains
+    if num_chains == 1:  # numpyro runs a single chain directly, whatever the method
+        return chain_method, "sequential"
+    if chain_method in ("parallel", "sharded"):
+        return chain_method, _sharded_chains(num_chains, devices)
     return chain_method, chain_method
 
 
@@ -189,13 +224,36 @@ def run_nuts(
     :param num_chains, num_warmup, num_samples: chains and per-chain warmup/kept iterations.
     :param seed: int or ``jax.random`` key; the same seed gives identical draws.
     :param chain_method: ``None`` chooses with :func:`choose_chain_method`, or one of
-        ``"parallel" | "sequential" | "vectorized" | "sharded"``.
+        ``"parallel" | "sequential" | "vectorized" | "sharded"``.  ``"parallel"`` (one chain per
+        local device) and ``"sharded"`` (several per device, any number of chains; on one device
+        all of them) run one ``jax.shard_map`` over the local devices, not numpyro's ``pmap``: a
+        CPU device runs its chains one after another (``lax.map``), so with these two methods the
+        draws of a seed on CPUs are bit-identical whatever the number of devices or processes
+        (:func:`eft_prob.distributed.run_nuts`); an accelerator vmaps its chains.  numpyro shows
+        no progress bar for them.
     :param target_accept: NUTS step-size adaptation target (raise it if divergences appear).
     :param max_divergence_fraction: above this fraction of divergent post-warmup transitions a
         :class:`NUTSDivergenceWarning` is issued.
     :param keep_weights: also store the weights (large) in the posterior group.
     :returns: InferenceData (arviz 0.23) / DataTree (arviz 1.x); see the module docstring.
     """
+    return _run_nuts(
+        spec, X, y, X_test, noise_var=noise_var, num_chains=num_chains, num_warmup=num_warmup,
+        num_samples=num_samples, seed=seed, chain_method=chain_method, target_accept=target_accept,
+        max_tree_depth=max_tree_depth, max_divergence_fraction=max_divergence_fraction,
+        keep_weights=keep_weights, progress=progress,
+    )  # fmt: skip
+
+
+def _run_nuts(
+    spec, X, y, X_test, *, noise_var, num_chains, num_warmup, num_samples, seed, chain_method, target_accept,
+    max_tree_depth, max_divergence_fraction, keep_weights, progress, part=None, gather=None,
+):  # fmt: skip
+    """:func:`run_nuts`; with ``part=(i, P)`` this process samples only the chains
+    ``part_range(num_chains, part)`` and ``gather(tree, num_chains)`` assembles every part's
+    arrays in chain order (:mod:`eft_prob.distributed`), so the result is the whole run's."""
+    from .ensemble import part_range
+
     X, y, X_test = _check_data(spec, X, y, X_test)
     noise_var = _check_noise(noise_var)
     num_chains = _count("num_chains", num_chains)
@@ -204,8 +262,24 @@ def run_nuts(
     max_tree_depth = _count("max_tree_depth", max_tree_depth)
     target_accept = _fraction("target_accept", target_accept, closed=False)
     max_divergence_fraction = _fraction("max_divergence_fraction", max_divergence_fraction, closed=True)
-    method_name, method = _resolve_chain_method(chain_method, num_chains)
+    if part is not None and part[1] > num_chains:
+        raise ValueError(
+            f"num_chains={num_chains} is fewer than the {part[1]} processes: give every process at least one chain."
+        )
+    chains = part_range(num_chains, part)
     key_mcmc, key_pred = jax.random.split(_key(seed))
+    # chain c runs from key c of the split numpyro itself makes for num_chains > 1, whichever process runs it
+    chain_keys = jax.random.split(key_mcmc, num_chains)[chains.start : chains.stop] if num_chains > 1 else key_mcmc
+    local = len(chains)
+    if num_chains > 1 and local == 1:
+        # numpyro runs a lone chain outside any chain method (other arithmetic, other draws); on
+        # several devices a second copy keeps it bit-identical to its single-process run for free
+        many = jax.local_device_count() >= 2 and chain_method in (None, "parallel")
+        if chain_method == "sharded" or many:
+            chain_keys, local = jnp.concatenate([chain_keys, chain_keys]), 2
+        else:
+            chain_keys = chain_keys[0]
+    method_name, method = _resolve_chain_method(chain_method, local)
 
     kernel = NUTS(
         bayesian_mlp, target_accept_prob=target_accept, max_tree_depth=max_tree_depth, init_strategy=init_to_sample
@@ -214,9 +288,10 @@ def run_nuts(
         kernel,
         num_warmup=num_warmup,
         num_samples=num_samples,
-        num_chains=num_chains,
+        num_chains=local,
         chain_method=method,
-        progress_bar=progress,
+        # numpyro shows no progress bar for a compiled (callable) chain method
+        progress_bar=progress and isinstance(method, str),
     )
     extra = ("diverging", "energy", "num_steps", "accept_prob", "adapt_state.step_size", "potential_energy")
     # numpy, not jax arrays: eft_prob._validate checks finiteness of *concrete jax* arrays with jnp,
@@ -224,7 +299,7 @@ def run_nuts(
     # and skip the already-done check).
     X, y, X_test = np.asarray(X), np.asarray(y), np.asarray(X_test)
     start = time.perf_counter()
-    mcmc.run(key_mcmc, spec, X, y, noise_var=noise_var, X_test=X_test, extra_fields=extra)
+    mcmc.run(chain_keys, spec, X, y, noise_var=noise_var, X_test=X_test, extra_fields=extra)
     samples = jax.block_until_ready(mcmc.get_samples(group_by_chain=True))
     elapsed = time.perf_counter() - start
     fields = mcmc.get_extra_fields(group_by_chain=True)
@@ -239,6 +314,8 @@ def run_nuts(
         "step_size": np.asarray(fields["adapt_state.step_size"]),
         "acceptance_rate": np.asarray(fields["accept_prob"]),
     }
+    samples = {k: np.asarray(v)[: len(chains)] for k, v in samples.items()}
+    stats = {k: v[: len(chains)] for k, v in stats.items()}
     attrs = {
         "inference_library": "numpyro",
         "inference_library_version": numpyro.__version__,
@@ -256,6 +333,10 @@ def run_nuts(
         "sampling_time_s": elapsed,
         "spec": repr(spec),
     }
+    if gather is not None:
+        samples, stats, times = gather((samples, stats, np.full(len(chains), elapsed)), num_chains)
+        attrs["sampling_time_s"] = float(times.max())  # the slowest process
+        attrs["process_count"] = part[1]
     idata = to_inference_data(
         samples,
         X=X,
@@ -280,7 +361,7 @@ def _warn_divergences(diverging: np.ndarray, max_fraction: float, target_accept:
             f"target_accept (now {target_accept:g}, e.g. to 0.95-0.99), or reparameterize: keep the "
             "prior scaled by fan-in (C_W of order 1), put a tighter prior on noise_var, or standardize X and y.",
             NUTSDivergenceWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
 
 

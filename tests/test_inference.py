@@ -68,7 +68,7 @@ def test_choose_chain_method():
     assert choose_chain_method(4, backend="cpu", device_count=4) == "parallel"
     assert choose_chain_method(4, backend="cpu", device_count=8) == "parallel"
     assert choose_chain_method(8, backend="cpu", device_count=2) == "sharded"
-    assert choose_chain_method(3, backend="cpu", device_count=2) == "sequential"
+    assert choose_chain_method(3, backend="cpu", device_count=2) == "sharded"  # 2 rounds, one padding chain
     assert choose_chain_method(4, backend="gpu", device_count=1) == "vectorized"
     assert choose_chain_method(1, backend="gpu", device_count=1) == "sequential"
 

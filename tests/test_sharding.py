@@ -1,0 +1,341 @@
+"""Devices and hosts: ensembles and NUTS chains sharded over local devices (shard_map, no pmap) and
+split across processes (eft_prob.distributed), with results independent of the layout.
+
+Simulated CPU devices need XLA_FLAGS before JAX starts, and jax.distributed needs fresh processes:
+those checks run in subprocesses (8 devices; two processes × 2 devices on 127.0.0.1) and compare
+with the single-device results of this process bit for bit.
+"""
+
+import functools
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+import eft_prob as ep
+from eft_prob import _arviz, distributed, ensemble, inference
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+PRIOR_SPEC = ep.MLPSpec(2, (8, 8), 2, "tanh", C_b=0.1)
+X = np.random.default_rng(0).normal(size=(3, 2))
+TRAIN = dict(spec=PRIOR_SPEC, X=X, y=np.sin(X[:, :1]) * np.ones((1, 2)), X_test=X[:2] + 0.5)
+TRAIN_ARGS = dict(n_networks=7, learning_rate=0.1, steps=20)
+# small chunks everywhere: every call below reuses one compiled program per function (results do
+# not depend on the chunk size, and compilation is most of these tests' time)
+CHUNK = dict(chunk_size=2)
+NUTS = dict(
+    spec=ep.MLPSpec(1, (4,), 1, "tanh", C_b=0.1),
+    X=np.linspace(-1.0, 1.0, 4)[:, None],
+    y=np.sin(2 * np.linspace(-1.0, 1.0, 4))[:, None],
+    X_test=np.array([[0.3], [1.2]]),
+    noise_var=0.05,
+    num_chains=5,
+    num_warmup=30,
+    num_samples=20,
+    seed=0,
+    max_divergence_fraction=1.0,  # a tiny, short run: divergences are beside the point
+)
+NUTS_GROUPS = ("posterior", "posterior_predictive", "log_likelihood", "sample_stats", "observed_data", "constant_data")
+
+
+def sum_of_squares(key, X):
+    """A per-network Monte Carlo statistic for map_networks: Σ f(X)² of a prior network."""
+    return {"sum_of_squares": jax.numpy.sum(ep.nn.apply(PRIOR_SPEC, ep.nn.init(PRIOR_SPEC, key), X) ** 2)}
+
+
+def ensembles(key_seed=1):
+    """The ensemble quantities the subprocesses recompute, as {name: numpy array}."""
+    key = jax.random.key(key_seed)
+    out = {
+        "prior": ensemble.prior_outputs(PRIOR_SPEC, X, 21, key, **CHUNK),
+        "sum_of_squares": ensemble.map_networks(sum_of_squares, 13, key, X, **CHUNK)["sum_of_squares"],
+    }
+    Gs = ensemble.prior_kernels(PRIOR_SPEC, X, 21, key, layers=True, **CHUNK)
+    out.update({f"G{i}": G for i, G in enumerate(Gs)})
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def train(fn=ensemble.train, **kw):
+    """ensemble.train or distributed.trained_ensemble on the TRAIN problem, one network per chunk."""
+    return fn(*TRAIN.values(), *TRAIN_ARGS.values(), jax.random.key(2), chunk_size=1, **kw)
+
+
+def flatten(idata) -> dict:
+    """Every variable of the NUTS groups as {"group.var": values}."""
+    return {
+        f"{g}.{v}": np.asarray(_arviz.get_group(idata, g)[v].values)
+        for g in NUTS_GROUPS
+        for v in _arviz.get_group(idata, g).data_vars
+    }
+
+
+@functools.cache
+def reference_ensembles():
+    return ensembles()
+
+
+def _no_pmap(*args, **kwargs):
+    raise AssertionError("pmap was used")
+
+
+@functools.cache
+def reference_nuts():
+    """The 5 chains on this process's one device with the shard_map path (lax.map over the chains),
+    with numpyro's pmap disabled."""
+    import numpyro.infer.mcmc
+
+    assert jax.local_device_count() == 1
+    args = dict(NUTS)
+    saved = numpyro.infer.mcmc.pmap
+    numpyro.infer.mcmc.pmap = _no_pmap
+    try:
+        return inference.run_nuts(
+            args.pop("spec"), args.pop("X"), args.pop("y"), args.pop("X_test"), **args, chain_method="sharded"
+        )
+    finally:
+        numpyro.infer.mcmc.pmap = saved
+
+
+# -- fast: parts, layouts, arguments ---------------------------------------------------------------
+@pytest.mark.parametrize("M", [1, 5, 21])
+def test_part_range_blocks_are_contiguous_nearly_equal_and_cover_the_ensemble(M):
+    assert ensemble.part_range(M) == range(M)
+    for count in range(1, min(M, 5) + 1):
+        blocks = [ensemble.part_range(M, (i, count)) for i in range(count)]
+        assert [m for b in blocks for m in b] == list(range(M))
+        assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
+
+
+@pytest.mark.parametrize("part", [(2, 2), (0, 0), (-1, 2), (0.5, 2), (True, 2), "0/2", (0, 1, 2), (0, 6)])
+def test_bad_part_raises_naming_the_argument(part):
+    with pytest.raises(ValueError, match="part"):
+        ensemble.part_range(5, part)
+    with pytest.raises(ValueError, match="part"):
+        ensemble.prior_outputs(PRIOR_SPEC, X, 5, jax.random.key(0), part=part)
+
+
+def test_parts_concatenate_to_the_whole_ensemble_bit_for_bit():
+    """Process i of P computes block i with the keys of the full split: no seed juggling needed."""
+    ref, key = reference_ensembles(), jax.random.key(1)
+    parts = [np.asarray(ensemble.prior_outputs(PRIOR_SPEC, X, 21, key, part=(i, 3), **CHUNK)) for i in range(3)]
+    np.testing.assert_array_equal(np.concatenate(parts), ref["prior"])
+    G = [ensemble.prior_kernels(PRIOR_SPEC, X, 21, key, layers=True, part=(i, 2), **CHUNK) for i in range(2)]
+    for layer in range(PRIOR_SPEC.depth):
+        np.testing.assert_array_equal(np.concatenate([np.asarray(g[layer]) for g in G]), ref[f"G{layer}"])
+    ss = [ensemble.map_networks(sum_of_squares, 13, key, X, part=(i, 2), **CHUNK)["sum_of_squares"] for i in range(2)]
+    np.testing.assert_array_equal(np.concatenate(ss), ref["sum_of_squares"])
+
+
+def test_trained_parts_concatenate_to_the_whole_ensemble(tmp_path):
+    whole = train()
+    parts = [train(part=(i, 2)) for i in range(2)]
+    for name in whole._fields:
+        np.testing.assert_array_equal(np.concatenate([getattr(p, name) for p in parts]), getattr(whole, name))
+    # a checkpoint of part 0 is not resumed as part 1
+    d = tmp_path / "ck"
+    train(part=(0, 2), checkpoint=d)
+    with pytest.raises(ValueError, match=r"different arguments \(part: stored '0:3', now '3:7'\)"):
+        train(part=(1, 2), checkpoint=d)
+
+
+def test_chain_method_choice_and_layout():
+    choose = inference.choose_chain_method
+    assert choose(1, backend="cpu", device_count=8) == "sequential"
+    assert choose(4, backend="cpu", device_count=1) == "sequential"
+    assert choose(4, backend="gpu", device_count=1) == "vectorized"
+    assert choose(4, backend="cpu", device_count=4) == choose(4, backend="gpu", device_count=8) == "parallel"
+    assert choose(3, backend="cpu", device_count=2) == choose(8, backend="gpu", device_count=2) == "sharded"
+    # (devices used, chains per device): fewest rounds, then fewest devices, so little padding
+    layouts = {(5, 8): (5, 1), (8, 8): (8, 1), (9, 8): (5, 2), (3, 2): (2, 2), (16, 8): (8, 2), (7, 1): (1, 7)}
+    for (chains, devices), layout in layouts.items():
+        assert inference.chain_layout(chains, devices) == layout
+        used, per_device = layout
+        assert used <= devices and 0 <= used * per_device - chains < used
+
+
+def test_sharded_chains_on_one_device_without_pmap():
+    """5 chains one after another on one device inside one shard_map program (numpyro's pmap off)."""
+    idata = reference_nuts()
+    assert _arviz.get_attrs(idata)["chain_method"] == "sharded"
+    f = _arviz.get_group(idata, "posterior")["f_test"].values
+    assert f.shape == (5, 20, 2, 1) and np.all(np.isfinite(f))
+    assert len({float(c) for c in f[:, -1, 0, 0]}) == 5  # the chains differ
+    with pytest.raises(ValueError, match="chain_method='parallel' needs one device per chain"):
+        inference._resolve_chain_method("parallel", 2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(coordinator_address="127.0.0.1:1234"), "together"),
+        (dict(num_processes=2, process_id=0), "together"),
+        (dict(coordinator_address="127.0.0.1", num_processes=2, process_id=0), "coordinator_address must be"),
+        (dict(coordinator_address="host:70000", num_processes=2, process_id=0), "coordinator_address must be"),
+        (dict(coordinator_address=1234, num_processes=2, process_id=0), "coordinator_address must be"),
+        (dict(coordinator_address="h:1", num_processes=0, process_id=0), "num_processes must be"),
+        (dict(coordinator_address="h:1", num_processes=2, process_id=2), r"process_id must be .* \[0, 2\)"),
+        (dict(coordinator_address="h:1", num_processes=2, process_id=True), "process_id must be"),
+        (dict(timeout_s=0), "timeout_s must be"),
+    ],
+)
+def test_initialize_bad_arguments_raise_before_connecting(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        distributed.initialize(**kwargs)
+
+
+def test_one_process_distributed_results_are_the_local_ones():
+    """Without jax.distributed there is one process: the InferenceData holds the local ensembles."""
+    key = jax.random.key(1)
+    prior = _arviz.get_group(distributed.prior_ensemble(PRIOR_SPEC, X, 21, key, chunk_size=2), "prior_ensemble")
+    assert prior["f_test"].dims == ("chain", "draw", "test_point", "output") and prior.attrs["process_count"] == 1
+    np.testing.assert_array_equal(prior["f_test"].values[0], reference_ensembles()["prior"])
+    idata = train(distributed.trained_ensemble)
+    g = _arviz.get_group(idata, "trained_ensemble")
+    whole = train()
+    for var, field in [("f_test", "test_final"), ("f", "train_final"), ("f_init", "train_init"),
+                       ("f_test_init", "test_init"), ("loss", "loss"), ("diverged", "diverged")]:  # fmt: skip
+        np.testing.assert_array_equal(g[var].values[0], getattr(whole, field))
+    assert g["f"].dims == ("chain", "draw", "obs", "output")
+    with pytest.raises(ValueError, match=r"gather: process 0 of 1 must pass arrays of leading length 4"):
+        distributed.gather({"a": np.zeros((3, 2))}, 4)
+    with pytest.raises(ValueError, match="checkpoint must be a directory path"):
+        train(distributed.trained_ensemble, checkpoint=3)
+
+
+# -- subprocesses: 8 simulated devices; two processes on loopback -----------------------------------
+_PRELUDE = """
+import os, sys, warnings
+import jax, numpy as np
+jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_compilation_cache_dir", os.path.expanduser(
+    f"~/.cache/eft_prob_jax/{jax.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-" + sys.argv[-1]))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+warnings.simplefilter("error")
+warnings.filterwarnings("ignore", category=FutureWarning, module="arviz")
+"""
+
+_EIGHT_DEVICES = _PRELUDE + textwrap.dedent(
+    """
+    import numpyro.infer.mcmc
+    from tests.test_sharding import _no_pmap
+    jax.pmap = numpyro.infer.mcmc.pmap = _no_pmap
+    meshes, shard_map = [], jax.shard_map
+    def recording_shard_map(f, *, mesh, **kw):
+        meshes.append(mesh.devices.size)
+        return shard_map(f, mesh=mesh, **kw)
+    jax.shard_map = recording_shard_map
+    from eft_prob import _arviz, inference
+    from tests.test_sharding import NUTS, ensembles, flatten
+    assert jax.local_device_count() == 8
+    out = ensembles()
+    args = dict(NUTS)
+    idata = inference.run_nuts(args.pop("spec"), args.pop("X"), args.pop("y"), args.pop("X_test"), **args)
+    assert _arviz.get_attrs(idata)["chain_method"] == "parallel"
+    np.savez(sys.argv[1], meshes=np.array(meshes), **out, **flatten(idata))
+    """
+)
+
+
+def _env(devices: int) -> dict:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    env.pop("JAX_ENABLE_X64", None)
+    return env
+
+
+def _assert_nuts_equal(got: dict, idata, what: str):
+    ref = flatten(idata)
+    assert set(got) >= set(ref), what
+    for k, v in ref.items():
+        assert np.array_equal(got[k], v) and got[k].dtype == v.dtype, f"{what}: {k}"
+
+
+@pytest.mark.slow
+def test_eight_devices_give_the_single_device_results_bit_for_bit(tmp_path):
+    """prior_outputs/prior_kernels/map_networks shard over all 8 devices, NUTS puts its 5 chains on
+    5 of them ("parallel", numpyro's pmap disabled); every number equals this process's 1-device run."""
+    out = tmp_path / "eight.npz"
+    r = subprocess.run([sys.executable, "-c", _EIGHT_DEVICES, str(out), "eight"], env=_env(8), cwd=ROOT,
+                       capture_output=True, text=True, timeout=240)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    z = dict(np.load(out))
+    assert set(z.pop("meshes")) == {8, 5}  # ensembles over all 8 devices, the chains over 5
+    for name, ref in reference_ensembles().items():
+        assert np.array_equal(z[name], ref) and z[name].dtype == ref.dtype, name
+    _assert_nuts_equal(z, reference_nuts(), "8 devices")
+
+
+_WORKER = _PRELUDE + textwrap.dedent(
+    """
+    from eft_prob import distributed
+    pid, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    assert distributed.initialize(f"127.0.0.1:{port}", 2, pid, timeout_s=60) == (pid, 2)
+    assert jax.local_device_count() == 2 and jax.device_count() == 4
+    from tests.test_sharding import NUTS, PRIOR_SPEC, X, flatten, train
+    from eft_prob import _arviz
+    prior = distributed.prior_ensemble(PRIOR_SPEC, X, 21, jax.random.key(1), chunk_size=2)
+    trained = train(distributed.trained_ensemble, checkpoint=os.path.join(out, "ck"))
+    args = dict(NUTS)
+    idata = distributed.run_nuts(args.pop("spec"), args.pop("X"), args.pop("y"), args.pop("X_test"), **args)
+    try:  # a process-dependent key is the classic mistake
+        distributed.prior_ensemble(PRIOR_SPEC, X, 21, jax.random.key(pid))
+        error = ""
+    except ValueError as e:
+        error = str(e)
+    g = _arviz.get_group(trained, "trained_ensemble")
+    attrs = _arviz.get_attrs(idata)
+    np.savez(os.path.join(out, f"p{pid}.npz"), prior=_arviz.get_group(prior, "prior_ensemble")["f_test"].values,
+             error=error, chain_method=attrs["chain_method"], process_count=attrs["process_count"],
+             **{f"trained.{v}": g[v].values for v in g.data_vars}, **flatten(idata))
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_on_loopback_gather_the_single_process_run(tmp_path):
+    """2 processes × 2 CPU devices through jax.distributed: the gathered prior and trained
+    ensembles equal the single-process ones exactly; the 5 NUTS chains (2 on process 0, one per
+    device; 3 on process 1, two rounds on 2 devices with one padding chain) gathered into one
+    InferenceData equal the single-device run, every group, bit for bit."""
+    port = str(_free_port())
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, str(i), port, str(tmp_path), f"dist{i}"],
+            **dict(env=_env(2), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+        )
+        for i in range(2)
+    ]
+    try:
+        logs = [p.communicate(timeout=180)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert all(p.returncode == 0 for p in procs), "\n\n".join(log[-3000:] for log in logs)
+
+    ref = reference_ensembles()
+    whole = train()
+    fields = {"f_test": "test_final", "f": "train_final", "f_init": "train_init", "f_test_init": "test_init",
+              "loss": "loss", "diverged": "diverged", "steps_done": "steps_done"}  # fmt: skip
+    for pid in range(2):
+        z = dict(np.load(tmp_path / f"p{pid}.npz"))
+        assert np.array_equal(z["prior"], ref["prior"][None]), pid
+        for var, field in fields.items():
+            assert np.array_equal(z[f"trained.{var}"][0], getattr(whole, field)), (pid, var)
+        assert "key differ between processes" in str(z["error"]), pid
+        assert int(z["process_count"]) == 2 and str(z["chain_method"]) == ("parallel", "sharded")[pid]
+        _assert_nuts_equal(z, reference_nuts(), f"process {pid}")
+        assert z["posterior.f_test"].shape == (5, 20, 2, 1)
+    assert sorted(os.listdir(tmp_path / "ck")) == ["process_0", "process_1"]
