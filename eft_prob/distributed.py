@@ -18,7 +18,10 @@ as in a single-process run; nothing is communicated during the computation), the
 gathered to every process (``jax.experimental.multihost_utils.process_allgather``) in process
 order.  Network m and chain c keep the keys of a single-process run, so:
 
-* ensembles are bit-identical to :func:`eft_prob.ensemble.prior_outputs` / ``train`` in one process;
+* ensembles are bit-identical to :func:`eft_prob.ensemble.prior_outputs` / ``train`` in one process
+  (for ``prior_ensemble`` when every device vmaps the same number of networks: pass a
+  ``chunk_size`` of at most M / (processes × local devices); for ``trained_ensemble`` on CPUs, or
+  with an explicit ``batch_size`` on accelerators);
 * NUTS chain c starts from the same key as in :func:`eft_prob.inference.run_nuts`; on CPUs with
   the ``"parallel"``/``"sharded"`` chain methods its draws are bit-identical too.
 
@@ -170,9 +173,9 @@ def prior_ensemble(spec, X_test, n_networks: int, key, *, chunk_size: int | None
     """:func:`eft_prob.ensemble.prior_outputs` of ``n_networks`` networks split across processes.
 
     Returns an InferenceData with group ``prior_ensemble``: ``f_test`` [chain=1, draw=M,
-    test_point, output] (the layout of ``eft-prob run``'s results.nc), equal bit for bit to
-    ``prior_outputs(spec, X_test, n_networks, key)`` in one process; attrs ``n_networks``,
-    ``process_count``.
+    test_point, output] (the layout of ``eft-prob run``'s results.nc), equal to
+    ``prior_outputs(spec, X_test, n_networks, key)`` in one process (bit for bit under the
+    condition in the module docstring); attrs ``n_networks``, ``process_count``.
     """
     M = ensemble._check_count("n_networks", n_networks)
     key = ensemble._check_key(key)
