@@ -3,7 +3,7 @@
 Prints, for N_A training and N_B test inputs (default 50 + 200, depth 3, width 64, one output):
 
 * ``prior_statistics`` on the N = N_A + N_B inputs (K, K^{1} exact; V factored, S = 4096 Monte
-  Carlo draws per propagated source, 16·S for the last) — the input of everything below, cold
+  Carlo draws per propagated source, 8·S for the last) — the input of everything below, cold
   (compile included) and warm;
 * the §5.2 contractions alone (``nlo_moments`` given the statistics), cold and warm;
 * ``nlo_posterior_moments`` and ``BayesianPosterior(order=1, form="gaussian")`` end to end, warm;
@@ -75,7 +75,7 @@ def main(quick: bool = False, activation: str = "relu"):
     rows.append(("BayesianPosterior(order=1, form='gaussian'), warm", warm(post, repeat=1)))
 
     # baseline in the same run: every source with the same S = 4096 draws (the previous default)
-    # against the current allocation (16·S draws for the cheap last source), at equal accuracy per second
+    # against the current allocation (8·S draws for the cheap last source), at equal accuracy per second
     def mc_error(r):
         return (
             float(np.abs(r.mean_se).max() / np.abs(r.mean - r.gp_mean).max()),
@@ -118,7 +118,7 @@ def main(quick: bool = False, activation: str = "relu"):
         print(f"| {name} | {t:.3f} s |")
     print(
         f"\nMonte Carlo standard error at N={nA + nB}, largest entries, 1/n mean term / 1/n covariance term: "
-        f"uniform S=4096 {mc_u[0]:.0%} / {mc_u[1]:.0%}; last source 16·S {mc[0]:.0%} / {mc[1]:.0%}; "
+        f"uniform S=4096 {mc_u[0]:.0%} / {mc_u[1]:.0%}; last source 8·S {mc[0]:.0%} / {mc[1]:.0%}; "
         f"efficiency (variance × time, uniform / current) {eff[0]:.1f}x / {eff[1]:.1f}x"
     )
     print(

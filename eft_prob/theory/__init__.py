@@ -1,6 +1,14 @@
 """Analytic results of the effective theory, as pure functions of (spec, X) (float64)."""
 
-from .bayes import NLOMoments, gp_posterior, log_evidence, nlo_posterior_moments, posterior_kernel_shift
+from .bayes import (
+    NLOMarginals,
+    NLOMoments,
+    gp_posterior,
+    log_evidence,
+    nlo_posterior_marginals,
+    nlo_posterior_moments,
+    posterior_kernel_shift,
+)
 from .kernels import Kernels, kernels, nngp, ntk, output_kernels
 from .ntk_stats import NTKStatistics, ntk_statistics
 from .training import (
@@ -15,6 +23,7 @@ from .vertex import FactoredVertex, PriorStatistics, four_point_vertex, nlo_kern
 __all__ = [
     "FactoredVertex",
     "Kernels",
+    "NLOMarginals",
     "NLOMoments",
     "NLOTrainedCoefficients",
     "NTKStatistics",
@@ -26,6 +35,7 @@ __all__ = [
     "kernels",
     "log_evidence",
     "nlo_kernel",
+    "nlo_posterior_marginals",
     "nlo_posterior_moments",
     "nlo_trained_coefficients",
     "nlo_trained_moments",

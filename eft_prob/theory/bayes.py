@@ -50,6 +50,7 @@ from .._config import float64_theory, is_concrete
 from .training import GaussianPrediction
 
 __all__ = [
+    "NLOMarginals",
     "NLOMoments",
     "gp_log_evidence",
     "gp_moments",
@@ -57,6 +58,7 @@ __all__ = [
     "log_evidence",
     "nlo_log_evidence",
     "nlo_moments",
+    "nlo_posterior_marginals",
     "nlo_posterior_moments",
     "posterior_kernel_shift",
 ]
@@ -111,6 +113,24 @@ class NLOMoments(NamedTuple):
     log_evidence_se: jax.Array
 
 
+class NLOMarginals(NamedTuple):
+    """Posterior means and marginal variances of f(X_test) at O(1/n) (:func:`nlo_posterior_marginals`).
+
+    ``mean``, ``variance`` (N_B, n_L); ``gp_mean`` (N_B, n_L), ``gp_variance`` (N_B,): GP regression
+    with the NLO metric G; ``log_evidence``; Monte Carlo standard errors of the V terms as in
+    :class:`NLOMoments`.  The joint covariance is not formed: its V term costs O(S·N_A·N_B²) per layer.
+    """
+
+    mean: jax.Array
+    variance: jax.Array
+    gp_mean: jax.Array
+    gp_variance: jax.Array
+    log_evidence: jax.Array
+    mean_se: jax.Array
+    variance_se: jax.Array
+    log_evidence_se: jax.Array
+
+
 class _Training(NamedTuple):
     Gt: jax.Array  # (N_A, N_A) G̃⁻¹ (noise included)
     F: jax.Array  # (N_A, N_A) a factor of G̃⁻¹ = F Fᵀ
@@ -140,24 +160,57 @@ def _embed(X, N):
     return jnp.zeros((N, N), X.dtype).at[:nA, :nA].set(X)
 
 
-def _pair(V, X):
-    """Σ_{cd} V_{(ab)(cd)} X_{cd} (N, N) for X living on the training block (N_A, N_A)."""
-    if _is_factored(V):
-        return V.matvec(_embed(X, V.n_inputs))
+def _pair(V, X, marginal: bool = False):
+    """Σ_{cd} V_{(ab)(cd)} X_{cd} for X living on the training block (N_A, N_A): the (N, N) matrix,
+    or with ``marginal`` its training columns (N, N_A) and its diagonal (N,)."""
     nA = X.shape[0]
-    return jnp.einsum("abcd,cd->ab", V[:, :, :nA, :nA], X)
+    if _is_factored(V):
+        return _pair_factored(V, X, marginal)
+    M1 = jnp.einsum("abcd,cd->ab", V[:, :, :nA, :nA], X)
+    return (M1[:, :nA], jnp.diagonal(M1)) if marginal else M1
 
 
-_CHUNK = 256  # Monte Carlo columns per step of the factored accumulation
+def _pair_factored(fv, X, marginal: bool):
+    """:func:`_pair` for a FactoredVertex, source by source: the projections ⟨Y_s, X⟩ need only the
+    training entries of the draws (O(S·N_A²)); the weighted sum of the columns costs O(S·N²) in full
+    and O(S·N·N_A) for the training columns and the diagonal."""
+    nA = X.shape[0]
+    N = fv.n_inputs
+    cols = jnp.zeros((N, nA), X.dtype)
+    diag = jnp.zeros((N,), X.dtype)
+    full = jnp.zeros((N, N), X.dtype)
+    for layer in range(fv.n_sources):
+        phi, M, P, A, B = fv.samples(layer), fv.M[layer], fv.P[layer], fv.A[layer], fv.B[layer]
+        u = phi**2 - jnp.diagonal(M)[None]
+        PX = P[:nA, :nA] * X
+        phA = phi[:, :nA]
+        rows = jnp.sum(A[:nA, :nA] * X, axis=1) + jnp.sum(B[:nA, :nA] * X, axis=0)
+        coef = jnp.sum((phA @ PX) * phA, axis=1) - jnp.sum(PX * M[:nA, :nA]) + u[:, :nA] @ rows
+        coef = coef * fv.weight[layer]  # (S,) weighted ⟨Y_s, X⟩
+        csum, cu = jnp.sum(coef), coef @ u  # Σ_s coef_s, Σ_s coef_s u_s
+        if marginal:
+            outer = (phi * coef[:, None]).T @ phA - csum * M[:, :nA]
+            cols = cols + P[:, :nA] * outer + A[:, :nA] * cu[:, None] + B[:, :nA] * cu[None, :nA]
+            dg = coef @ phi**2 - csum * jnp.diagonal(M)
+            diag = diag + jnp.diagonal(P) * dg + (jnp.diagonal(A) + jnp.diagonal(B)) * cu
+        else:
+            outer = (phi * coef[:, None]).T @ phi - csum * M
+            full = full + P * outer + A * cu[:, None] + B * cu[None, :]
+    return (cols, diag) if marginal else full
 
 
-def _general_chunk(layer_arrays, ph, w, Gt, F, yt, Proj, rows):
+_CHUNK = 256  # at most this many Monte Carlo columns per step of the factored accumulation
+_CHUNK_ELEMS = 800_000  # numbers in one chunk's (rows, c, N_A) block of columns (see _chunk_size)
+
+
+def _general_chunk(layer_arrays, ph, w, Gt, F, yt, Proj, rows, marginal=False):
     """Increments of (T3, R, W, e_y, e_g) (see :func:`_factored_cross`) from the columns
     Y_s = P∘(φ_sφ_sᵀ − M) + A∘(u_s1ᵀ) + B∘(1u_sᵀ), u_s = φ_s² − diag M, of one chunk φ (c, N), weights w (c,).
 
     The chunk's columns Y_s[:, A] are laid out as one (rows, c, N_A) array, so that every product
     over an input index is a single plain GEMM on a 2-D view: XLA's CPU batched matmuls (one small
-    product per column, or a matrix broadcast against a stack) are 4–7× slower here."""
+    product per column, or a matrix broadcast against a stack) are 4–7× slower here.  With
+    ``marginal`` only the diagonals of R (N_B, n_L) and W (N_B,) are accumulated."""
     M, P, A, B = (x[:rows] for x in layer_arrays)
     nA, nL = yt.shape
     nB = Proj.shape[0]
@@ -177,14 +230,22 @@ def _general_chunk(layer_arrays, ph, w, Gt, F, yt, Proj, rows):
     FYF = F.T @ YAF[:nA].reshape(nA, c * nA)  # Fᵀ Y_s[A,A] F
     e_g = jnp.sum(FYF * FYF)
     if nB == 0:
-        return T3, jnp.zeros((0, nL, 0, nL), T3.dtype), jnp.zeros((0, 0), T3.dtype), e_y, e_g
+        return T3, *_empty_RW(nL, T3.dtype, marginal), e_y, e_g
     Ry = Yy[nA:] - (Proj @ Yy[:nA].reshape(nA, c * nL)).reshape(nB, c, nL)  # Uᵀ Y_s[:,A] ỹ
     Rf = Ry.transpose(0, 2, 1).reshape(nB * nL, c)
     Qf = (YAF[nA:] - (Proj @ YAF[:nA].reshape(nA, c * nA)).reshape(nB, c, nA)).reshape(nB, c * nA)  # Uᵀ Y_s[:,A] F
+    if marginal:
+        return T3, jnp.sum(Rf * Rf, axis=1).reshape(nB, nL), jnp.sum(Qf * Qf, axis=1), e_y, e_g
     return T3, (Rf @ Rf.T).reshape(nB, nL, nB, nL), Qf @ Qf.T, e_y, e_g
 
 
-def _rank_one_chunk(M, ph, w, Gt, F, yt, Proj, rows):
+def _empty_RW(nL, dtype, marginal):
+    if marginal:
+        return jnp.zeros((0, nL), dtype), jnp.zeros((0,), dtype)
+    return jnp.zeros((0, nL, 0, nL), dtype), jnp.zeros((0, 0), dtype)
+
+
+def _rank_one_chunk(M, ph, w, Gt, F, yt, Proj, rows, marginal=False):
     """As :func:`_general_chunk` for the last source layer, whose columns are Y_s = φ_sφ_sᵀ − M
     (P = 1, A = B = 0: no later step propagates it): rank one plus a constant, so every product
     is O(c·(N·N_A + N_B²)) instead of O(c·N·N_A²)."""
@@ -204,7 +265,7 @@ def _rank_one_chunk(M, ph, w, Gt, F, yt, Proj, rows):
     e_g = jnp.sum(w * (gg**2 - 2 * jnp.einsum("sa,ab,sb->s", g, C, g) + jnp.sum(C * C)))
     nB = Proj.shape[0]
     if nB == 0:
-        return T3, jnp.zeros((0, nL, 0, nL), T3.dtype), jnp.zeros((0, 0), T3.dtype), e_y, e_g
+        return T3, *_empty_RW(nL, T3.dtype, marginal), e_y, e_g
     Ry = Yy[:, nA:] - Proj @ Yy[:, :nA]
     Rf = Ry.transpose(1, 2, 0).reshape(nB * nL, -1)
     # Uᵀ Y_s[:, A] F = v_s g_sᵀ − C0 with v_s = Uᵀφ_s, C0 = Uᵀ M[:, A] F
@@ -212,23 +273,34 @@ def _rank_one_chunk(M, ph, w, Gt, F, yt, Proj, rows):
     C0 = (M[nA:rows, :nA] - Proj @ M[:nA, :nA]) @ F  # (N_B, N_A)
     h = g @ C0.T  # (c, N_B)
     vw = v * (w * gg)[:, None]
+    if marginal:
+        W = jnp.sum(vw * v, 0) - 2 * jnp.sum(v * w[:, None] * h, 0) + jnp.sum(w) * jnp.sum(C0 * C0, 1)
+        return T3, jnp.sum(Rf * Rf, axis=1).reshape(nB, nL), W, e_y, e_g
     cross = (v * w[:, None]).T @ h
     W = vw.T @ v - cross - cross.T + jnp.sum(w) * (C0 @ C0.T)
     return T3, (Rf @ Rf.T).reshape(nB, nL, nB, nL), W, e_y, e_g
 
 
-def _chunked_draws(phi, w):
+def _chunk_size(S: int, rows: int, nA: int) -> int:
+    """Draws per chunk: the chunk's (rows, c, N_A) columns stay within _CHUNK_ELEMS numbers (a few MiB:
+    larger chunks make the products memory-bound, 2.2× slower at N = 1000, N_A = 100), 8 <= c <= _CHUNK."""
+    c = _CHUNK
+    while c > 8 and c * rows * nA > _CHUNK_ELEMS:
+        c //= 2
+    return min(c, S)
+
+
+def _chunked_draws(phi, w, c):
     """Draws (S, N) and their weight w as (chunks, c, N) and (chunks, c): padding columns weigh 0."""
     S, N = phi.shape
-    c = min(_CHUNK, S)
     chunks = -(-S // c)
     pad = chunks * c - S
     mask = jnp.pad(jnp.ones((S,), phi.dtype), (0, pad))
     return jnp.pad(phi, ((0, pad), (0, 0))).reshape(chunks, c, N), (mask * w).reshape(chunks, c)
 
 
-@functools.partial(jax.jit, static_argnames=("last_rank_one",))
-def _factored_cross(fv, Gt, F, yt, Proj, last_rank_one=True):
+@functools.partial(jax.jit, static_argnames=("last_rank_one", "marginal"))
+def _factored_cross(fv, Gt, F, yt, Proj, last_rank_one=True, marginal=False):
     """The cross contractions of a FactoredVertex V = Σ_s w_s Y_s⊗Y_s, accumulated over its columns.
 
     Returns (with A the first N_A inputs, U = [−Projᵀ; 1_B], N_B = Proj.shape[0] possibly 0, and
@@ -237,16 +309,17 @@ def _factored_cross(fv, Gt, F, yt, Proj, last_rank_one=True):
       R   (N_B, n_L, N_B, n_L)   Σ V̂̂_{(β1 a)(β2 a')} ỹ_{a i1} ỹ_{a' i2}
       W   (N_B, N_B)             Σ V̂̂_{(β1 a)(β2 a')} G̃⁻¹_{aa'}
       e_y, e_g (scalars)         Σ V_{(12)(34)} G̃⁻¹_{13} Y_{24}, Σ V_{(12)(34)} G̃⁻¹_{13} G̃⁻¹_{24}
+    and with ``marginal`` only the diagonals R[β, i, β, i] (N_B, n_L) and W[β, β] (N_B,).
     """
     nA, nL = yt.shape
     nB = Proj.shape[0]
     rows = nA + nB
-    args = (Gt, F, yt, Proj, rows)
+    args = (Gt, F, yt, Proj, rows, marginal)
     dtype = fv.M.dtype
     acc = (
         jnp.zeros((rows, nL), dtype),
-        jnp.zeros((nB, nL, nB, nL), dtype),
-        jnp.zeros((nB, nB), dtype),
+        jnp.zeros((nB, nL) if marginal else (nB, nL, nB, nL), dtype),
+        jnp.zeros((nB,) if marginal else (nB, nB), dtype),
         jnp.zeros((), dtype),
         jnp.zeros((), dtype),
     )
@@ -259,7 +332,7 @@ def _factored_cross(fv, Gt, F, yt, Proj, last_rank_one=True):
 
     def general_layer(acc, xs):
         M, P, A, B, phi_l, w_l = xs
-        ph, wt = _chunked_draws(phi_l, w_l)
+        ph, wt = _chunked_draws(phi_l, w_l, _chunk_size(phi_l.shape[0], rows, nA))
         step = lambda acc, x: (add(acc, _general_chunk((M, P, A, B), x[0], x[1], *args)), None)
         return lax.scan(step, acc, (ph, wt))[0], None
 
@@ -269,7 +342,7 @@ def _factored_cross(fv, Gt, F, yt, Proj, last_rank_one=True):
         acc = lax.scan(general_layer, acc, xs)[0]
     last = (fv.M[-1], fv.P[-1], fv.A[-1], fv.B[-1], fv.last, fv.weight[-1])
     if last_rank_one:
-        ph, wt = _chunked_draws(fv.last, fv.weight[-1])
+        ph, wt = _chunked_draws(fv.last, fv.weight[-1], min(_CHUNK, fv.last.shape[0]))
         step = lambda acc, x: (add(acc, _rank_one_chunk(fv.M[-1], x[0], x[1], *args)), None)
         acc = lax.scan(step, acc, (ph, wt))[0]
     else:
@@ -301,10 +374,15 @@ def _last_layer_rank_one(fv) -> bool:
     return bool(np.all(np.asarray(fv.P[-1]) == 1) and not np.any(np.asarray(fv.A[-1])) and not np.any(fv.B[-1]))
 
 
-def _cross(V, tr: _Training, Proj, rank_one: bool = True):
+def _cross(V, tr: _Training, Proj, rank_one: bool = True, marginal: bool = False):
     if _is_factored(V):
-        return _factored_cross(V, tr.Gt, tr.F, tr.yt, Proj, last_rank_one=rank_one)
-    return _dense_cross(V, tr.Gt, tr.yt, Proj)
+        return _factored_cross(V, tr.Gt, tr.F, tr.yt, Proj, last_rank_one=rank_one, marginal=marginal)
+    T3, R, W, e_y, e_g = _dense_cross(V, tr.Gt, tr.yt, Proj)
+    if marginal:
+        nB, nL = R.shape[:2]
+        R = jnp.einsum("pipi->pi", R) if nB else R.reshape(0, nL)
+        W = jnp.diagonal(W)
+    return T3, R, W, e_y, e_g
 
 
 def _check_arrays(G, V, y, what):
@@ -328,24 +406,34 @@ def _check_arrays(G, V, y, what):
 _MC_BATCHES = 16  # batches of the factored vertex's Monte Carlo columns for the standard errors
 
 
-def _vertex_terms(V, tr: _Training, Proj, moments: bool, rank_one: bool = True):
+def _vertex_terms(V, tr: _Training, Proj, moments: bool, rank_one: bool = True, marginal: bool = False):
     """The parts of §5.2 linear in V: the evidence's quartic bracket (× 8n) and, with ``moments``, the
-    mean term (× 2n) and the covariance term over the flattened event (× n)."""
+    mean term (× 2n) and the covariance term over the flattened event (× n); with ``marginal`` the
+    variance term (N_B, n_L) instead of the covariance."""
     nA, nL = tr.yt.shape
     nB = Proj.shape[0]
+    T3, R, W, e_y, e_g = _cross(V, tr, Proj, rank_one, marginal)
+    U = jnp.concatenate([-Proj.T, jnp.eye(nB, dtype=Proj.dtype)])  # (N, N_B)
+    if marginal:  # Σ V_{(d1 d2)(a a')} [Y − n_L G̃⁻¹]_{aa'}: training columns and diagonal
+        cols, dg = _pair(V, tr.X1, marginal=True)
+        quartic = jnp.sum(cols[:nA] * tr.X1) - 4 * e_y + 2 * nL * e_g
+        if not moments:
+            return (quartic,)
+        mean1 = U.T @ (cols @ tr.yt) - 2 * U.T @ T3
+        cB = cols[nA : nA + nB]  # M1[B, A]
+        uMu = dg[nA : nA + nB] - 2 * jnp.sum(Proj * cB, axis=1) + jnp.sum((Proj @ cols[:nA]) * Proj, axis=1)
+        return quartic, mean1, (uMu / 2 - W)[:, None] + R
     M1 = _pair(V, tr.X1)  # Σ V_{(d1 d2)(a a')} [Y − n_L G̃⁻¹]_{aa'}
-    T3, R, W, e_y, e_g = _cross(V, tr, Proj, rank_one)
     quartic = jnp.sum(M1[:nA, :nA] * tr.X1) - 4 * e_y + 2 * nL * e_g
     if not moments:
         return (quartic,)
-    U = jnp.concatenate([-Proj.T, jnp.eye(nB, dtype=Proj.dtype)])  # (N, N_B)
     mean1 = U.T @ (M1[:, :nA] @ tr.yt) - 2 * U.T @ T3
     same = (U.T @ M1 @ U) / 2 - W  # δ_{i1 i2} part
     cov1 = same[:, None, :, None] * jnp.eye(nL, dtype=same.dtype)[None, :, None, :] + R
     return quartic, mean1, cov1.reshape(nB * nL, nB * nL)
 
 
-_vertex_terms_jit = jax.jit(_vertex_terms, static_argnames=("moments", "rank_one"))
+_vertex_terms_jit = jax.jit(_vertex_terms, static_argnames=("moments", "rank_one", "marginal"))
 
 
 def _batches(fv):
@@ -361,26 +449,29 @@ def _batches(fv):
     return out
 
 
-def _batched_terms(V, tr: _Training, Proj, moments: bool, rank_one: bool, b: int):
+def _batched_terms(V, tr: _Training, Proj, moments: bool, rank_one: bool, b: int, marginal: bool = False):
     """_vertex_terms over b equal disjoint batches of the factored vertex's draws (each reweighted to
     be unbiased on its own), in one traced program: (their mean, its standard error) per term."""
     L, S, N = V.phi.shape
     phi = V.phi.reshape(L, b, S // b, N).transpose(1, 0, 2, 3)  # (b, L-2, S/b, N), contiguous blocks
     last = V.last.reshape(b, -1, N)
     Vb = V._replace(weight=V.weight * b)
-    runs = lax.map(lambda x: _vertex_terms(Vb._replace(phi=x[0], last=x[1]), tr, Proj, moments, rank_one), (phi, last))
+    runs = lax.map(
+        lambda x: _vertex_terms(Vb._replace(phi=x[0], last=x[1]), tr, Proj, moments, rank_one, marginal), (phi, last)
+    )
     terms = tuple(jnp.mean(t, axis=0) for t in runs)
     se = tuple(jnp.sqrt(jnp.sum((t - m) ** 2, axis=0) / (b * (b - 1))) for t, m in zip(runs, terms))
     return terms, se
 
 
-_batched_terms_jit = jax.jit(_batched_terms, static_argnames=("moments", "rank_one", "b"))
+_batched_terms_jit = jax.jit(_batched_terms, static_argnames=("moments", "rank_one", "b", "marginal"))
 
 
-def _nlo(G, V, width, y, noise_var, moments: bool):
+def _nlo(G, V, width, y, noise_var, moments: bool, marginal: bool = False):
     """(NLOMoments or log evidence, Monte Carlo standard errors of the V terms (zeros for a dense V))."""
     nA, nL = y.shape
     nB = G.shape[0] - nA if moments else 0
+    marginal = marginal or not moments  # the evidence needs only the training block
     n = jnp.asarray(width, G.dtype)
     tr = _training(G[:nA, :nA], y, noise_var)
     Proj = G[nA : nA + nB, :nA] @ tr.Gt  # (N_B, N_A)
@@ -390,22 +481,34 @@ def _nlo(G, V, width, y, noise_var, moments: bool):
         b = min(_MC_BATCHES, min(S, S_last) // 2)
         if S % b == 0 and S_last % b == 0:  # one compiled program for all batches
             fn = _batched_terms_jit if is_concrete(V, tr, Proj) else _batched_terms
-            terms, se = fn(V, tr, Proj, moments, rank_one, b)
+            terms, se = fn(V, tr, Proj, moments, rank_one, b, marginal)
             terms, se = list(terms), list(se)
         else:
-            terms = list(_vertex_terms_jit(V, tr, Proj, moments, rank_one))  # all draws at once
-            runs = [_vertex_terms_jit(Vb, tr, Proj, moments, rank_one) for Vb in _batches(V)]
+            terms = list(_vertex_terms_jit(V, tr, Proj, moments, rank_one, marginal))  # all draws at once
+            runs = [_vertex_terms_jit(Vb, tr, Proj, moments, rank_one, marginal) for Vb in _batches(V)]
             b = len(runs)
             avg = [sum(t[k] for t in runs) / b for k in range(len(terms))]
             se = [jnp.sqrt(sum((t[k] - avg[k]) ** 2 for t in runs) / (b * (b - 1))) for k in range(len(terms))]
     else:
-        terms = list(_vertex_terms(V, tr, Proj, moments))
+        terms = list(_vertex_terms(V, tr, Proj, moments, True, marginal))
         se = [jnp.zeros_like(t) for t in terms]
     log_ev = gp_log_evidence(G[:nA, :nA], y, noise_var) + terms[0] / (8 * n)
     if not moments:
         return log_ev, se[0] / (8 * n)
     _, mean1, cov1 = terms
     gp_mean = Proj @ y
+    if marginal:
+        gp_var = jnp.diagonal(G[nA:, nA:]) - jnp.sum(Proj * G[nA:, :nA], axis=1)
+        return NLOMarginals(
+            gp_mean + mean1 / (2 * n),
+            gp_var[:, None] + cov1 / n,
+            gp_mean,
+            gp_var,
+            log_ev,
+            se[1] / (2 * n),
+            se[2] / n,
+            se[0] / (8 * n),
+        )
     gp_cov = G[nA:, nA:] - Proj @ G[:nA, nA:]
     gp_cov = (gp_cov + gp_cov.T) / 2
     cov = jnp.kron(gp_cov, jnp.eye(nL, dtype=G.dtype)) + cov1 / n
@@ -519,8 +622,8 @@ def _warn_mc(V, pairs, what, samples):
     rel = max(float(jnp.max(jnp.abs(se))) / max(float(jnp.max(jnp.abs(t))), 1e-300) for se, t in pairs)
     if rel > MC_WARN:
         warnings.warn(
-            f"{what}: the Monte Carlo error of the factored vertex (samples={samples} per propagated layer and "
-            f"up to 16× that for the last one; used above 24 inputs) is {rel:.0%} of the O(1/n) correction it "
+            f"{what}: the Monte Carlo error of the factored vertex ({V.phi.shape[1]} draws per propagated source, "
+            f"{V.last.shape[0]} for the last; used above 24 inputs) is {rel:.0%} of the O(1/n) correction it "
             "estimates (contractions against the inverse training kernel cancel strongly). Raise samples= (the "
             "error falls like 1/√samples), or use at most 24 inputs for the exact vertex; the standard errors are "
             "in the returned mean_se/covariance_se.",
@@ -539,12 +642,12 @@ def gp_posterior(spec, X, y, X_test, noise_var) -> GaussianPrediction:
     return gp_moments(b.K_AA, b.K_AB, b.K_BB, b.y, noise_var)
 
 
-def _statistics(spec, D, samples, key, what):
+def _statistics(spec, D, samples, key, what, last_samples=None):
     from .vertex import prior_statistics
 
     if spec.depth < 2:
         raise ValueError(f"{what} needs at least one hidden layer (hidden=[...]); a depth-1 network is Gaussian.")
-    st = prior_statistics(spec, D, samples=samples, key=key)
+    st = prior_statistics(spec, D, samples=samples, last_samples=last_samples, key=key)
     _warn_regime(spec, D, st, what)
     return st
 
@@ -559,15 +662,17 @@ def _train_test(spec, X, y, X_test):
 
 
 @float64_theory
-def nlo_posterior_moments(spec, X, y, X_test, noise_var, *, samples: int = 4096, key=None) -> NLOMoments:
+def nlo_posterior_moments(
+    spec, X, y, X_test, noise_var, *, samples: int = 4096, last_samples: int | None = None, key=None
+) -> NLOMoments:
     """Posterior mean and covariance of f(X_test) given y = f(X) + ε at O(1/n) (book §6.4; THEORY.md §5.2).
 
     :param spec: the architecture (at least one hidden layer); n = n_{L-1} = ``spec.hidden[-1]``.
     :param X: training inputs (N_A, input_dim);  ``y``: (N_A, n_L) observations.
     :param X_test: (N_B, input_dim); may overlap X.
     :param noise_var: σ² > 0, the variance of the Gaussian observation noise of every output.
-    :param samples, key: Monte Carlo draws and key of the factored vertex, used when N_A + N_B > 24
-        (see :func:`eft_prob.theory.prior_statistics`); below that V is exact.
+    :param samples, last_samples, key: Monte Carlo draws and key of the factored vertex, used when
+        N_A + N_B > 24 (see :func:`eft_prob.theory.prior_statistics`); below that V is exact.
     :returns: :class:`NLOMoments`: ``mean`` (N_B, n_L) and ``covariance`` (N_B·n_L, N_B·n_L),
         index β·n_L + i, including the coupling of different output neurons; above 24 inputs also
         the Monte Carlo standard errors of the V terms (an :class:`~eft_prob.ApproximationWarning`
@@ -580,7 +685,7 @@ def nlo_posterior_moments(spec, X, y, X_test, noise_var, *, samples: int = 4096,
     _check_noise(noise_var, X, X_test)
     X, y, X_test = _train_test(spec, X, y, X_test)
     D = jnp.concatenate([X, X_test])
-    st = _statistics(spec, D, samples, key, "nlo_posterior_moments")
+    st = _statistics(spec, D, samples, key, "nlo_posterior_moments", last_samples)
     r = nlo_moments(st.K + st.K1 / st.width, st.V, st.width, y, noise_var)
     _warn_mc(
         st.V,
@@ -589,6 +694,33 @@ def nlo_posterior_moments(spec, X, y, X_test, noise_var, *, samples: int = 4096,
             (r.covariance_se, r.covariance - jnp.kron(r.gp_covariance, jnp.eye(y.shape[1]))),
         ],
         "nlo_posterior_moments",
+        samples,
+    )
+    return r
+
+
+@float64_theory
+def nlo_posterior_marginals(
+    spec, X, y, X_test, noise_var, *, samples: int = 4096, last_samples: int | None = None, key=None
+) -> NLOMarginals:
+    """Posterior means and marginal variances of f(X_test) at O(1/n), for many test inputs.
+
+    The same §5.2 formulas as :func:`nlo_posterior_moments` without the joint covariance, whose V term
+    costs O(S·N_A·N_B²) per layer; here every term is O(S·N·N_A²), so thousands of test inputs are
+    practical (e.g. N_A = 100, N_B = 900, depth 10: see benchmarks/bench_vertex.py).  Arguments as
+    :func:`nlo_posterior_moments` (``last_samples``: see :func:`~eft_prob.theory.prior_statistics`).
+    :returns: :class:`NLOMarginals` (mean and variance (N_B, n_L), Monte Carlo standard errors).
+    """
+    _check_noise(noise_var, X, X_test)
+    X, y, X_test = _train_test(spec, X, y, X_test)
+    D = jnp.concatenate([X, X_test])
+    st = _statistics(spec, D, samples, key, "nlo_posterior_marginals", last_samples)
+    G, V, y = _check_arrays(st.K + st.K1 / st.width, st.V, y, "nlo_posterior_marginals")
+    r = _nlo(G, V, st.width, y, noise_var, True, marginal=True)
+    _warn_mc(
+        st.V,
+        [(r.mean_se, r.mean - r.gp_mean), (r.variance_se, r.variance - r.gp_variance[:, None])],
+        "nlo_posterior_marginals",
         samples,
     )
     return r

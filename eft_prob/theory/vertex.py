@@ -63,6 +63,7 @@ __all__ = [
 ]
 
 _MAX_ELEMS = 4_000_000  # grid points per quadrature chunk
+_DENSE_MAX = 24  # prior_statistics keeps V dense (exact) up to this many inputs, factored above
 
 
 # --------------------------------------------------------------------------------------------
@@ -625,9 +626,10 @@ class FactoredVertex(NamedTuple):
     Y_ℓs = P_ℓ∘(φ_ℓsφ_ℓsᵀ - M_ℓ) + A_ℓ∘(u_ℓs 1ᵀ) + B_ℓ∘(1 u_ℓsᵀ), u_ℓs = φ_ℓs² - diag M_ℓ.
 
     A JAX pytree.  The sources ℓ = 1..L-2, propagated by the later steps, share S draws (``phi``); the
-    last source (step L-1 → L: P = 1, A = B = 0, so its columns are rank one plus a constant and about
-    20× cheaper to contract) has its own S_last draws (``last``; by default more than S, because
-    it carries most of the Monte Carlo error of the posterior contractions).  ``rank`` = (L-2)·S + S_last;
+    last source (step L-1 → L: P = 1, A = B = 0, so its columns are rank one plus a constant and
+    several times cheaper to contract) has its own S_last draws (``last``; by default 8·S, because
+    it carries most of the Monte Carlo error of the posterior contractions: at 50 + 200 inputs that
+    halves the variance per second of the §5.2 terms, see benchmarks/bench_bayes.py).  ``rank`` = (L-2)·S + S_last;
     nothing of size N⁴ is formed unless :meth:`dense` is called.  The Monte Carlo error is unbiased,
     with relative size ≈ √(2/S) per entry of each source (:meth:`dense` returns it).
     """
@@ -740,11 +742,11 @@ class FactoredVertex(NamedTuple):
 #: numbers σ(z) the last source's draws may take by default (S_last·N <= this; 512 MiB in float64)
 _LAST_BUDGET = 2**26
 #: the last source's default draws: this many times ``samples`` (see FactoredVertex)
-_LAST_FACTOR = 16
+_LAST_FACTOR = 8
 
 
 def default_last_samples(samples: int, n_inputs: int) -> int:
-    """S_last for ``samples`` draws per propagated source and N inputs: 16·samples, capped so that
+    """S_last for ``samples`` draws per propagated source and N inputs: 8·samples, capped so that
     S_last·N <= 2²⁶ (and never below ``samples``)."""
     return int(max(samples, min(_LAST_FACTOR * samples, _LAST_BUDGET // max(1, n_inputs))))
 
@@ -821,13 +823,13 @@ def prior_statistics(
         Draws per propagated source (steps 1..L-2) and for the last source (step L-1 → L) of the
         factored vertex (relative error ≈ √(2/S) per entry), and the PRNG key (default
         ``jax.random.PRNGKey(0)``, so results are reproducible).  ``last_samples`` defaults to
-        :func:`default_last_samples` (16·samples, capped at 2²⁶/N): the last source costs ~20× less per
-        draw in the posterior contractions and carries most of their Monte Carlo error.
+        :func:`default_last_samples` (8·samples, capped at 2²⁶/N): the last source costs several times
+        less per draw in the posterior contractions and carries most of their Monte Carlo error.
     """
     X = check_inputs(spec, X)
     N = X.shape[0]
     if factored is None:
-        factored = N > 24
+        factored = N > _DENSE_MAX
     if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 2:
         raise ValueError(f"samples must be an integer >= 2 (Monte Carlo draws per layer), got {samples!r}.")
     if last_samples is None:

@@ -7,6 +7,7 @@ must agree to O(1/n²), and (iv) the infinite-width limit at rate 1/n.
 """
 
 import itertools
+import warnings
 
 import jax
 import numpy as np
@@ -375,3 +376,33 @@ def test_outside_the_regime_warns():
     spec = ep.MLPSpec.at_criticality(2, (4, 4), 2, "tanh")  # ε ≈ 0.3 on these inputs
     with pytest.warns(ep.RegimeWarning, match="nlo_posterior_moments"):
         nlo_posterior_moments(spec, X, Y, XT, S2)
+
+
+@pytest.mark.parametrize("factored", [False, True])
+def test_marginals_are_the_diagonal_of_the_joint_moments(factored):
+    """nlo_posterior_marginals = the diagonal of nlo_posterior_moments (same statistics, same draws):
+    exact algebra for the dense and the factored vertex, standard errors included."""
+    from eft_prob.theory import nlo_posterior_marginals
+
+    rng = np.random.default_rng(7)
+    spec = ep.MLPSpec.at_criticality(2, (128, 128), 2, "relu")
+    X, XT = rng.normal(size=(5, 2)), rng.normal(size=(6, 2))
+    y = rng.normal(size=(5, 2)) * 0.5
+    kw = dict(samples=256, last_samples=512) if factored else {}
+    # force the path (by default factored only above 24 inputs)
+    with warnings.catch_warnings(), pytest.MonkeyPatch.context() as mp:
+        import eft_prob.theory.vertex as vx
+
+        mp.setattr(vx, "_DENSE_MAX", 0 if factored else 24)
+        warnings.simplefilter("ignore", ep.ApproximationWarning)  # 256 draws: a large, reported MC error
+        full = nlo_posterior_moments(spec, X, y, XT, 0.05, **kw)
+        marg = nlo_posterior_marginals(spec, X, y, XT, 0.05, **kw)
+    nB, nL = 6, 2
+    var = np.diagonal(np.asarray(full.covariance)).reshape(nB, nL)
+    np.testing.assert_allclose(marg.mean, full.mean, rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(marg.variance, var, rtol=1e-10, atol=1e-13)
+    np.testing.assert_allclose(marg.gp_variance, np.diagonal(np.asarray(full.gp_covariance)), rtol=1e-12)
+    np.testing.assert_allclose(marg.log_evidence, full.log_evidence, rtol=1e-12)
+    se = np.diagonal(np.asarray(full.covariance_se)).reshape(nB, nL)
+    np.testing.assert_allclose(marg.variance_se, se, rtol=1e-8, atol=1e-14)
+    assert (float(np.max(marg.mean_se)) > 0) == factored

@@ -510,8 +510,8 @@ def test_factored_vertex_agrees_with_dense_within_its_monte_carlo_error(act):
     # exact parts of the same pass: K and K^{1}
     np.testing.assert_allclose(st.K, ep.theory.nngp(spec, x), rtol=1e-10)
     np.testing.assert_allclose(st.K1, ep.theory.nlo_kernel(spec, x), rtol=1e-9, atol=1e-12)
-    # one source per step ℓ -> ℓ+1, ℓ = 1..L-1: two propagated ones with S draws, the last with 16·S
-    assert st.width == 32 and st.V.rank == 2 * 4096 + 16 * 4096 and st.V.last.shape == (16 * 4096, 5)
+    # one source per step ℓ -> ℓ+1, ℓ = 1..L-1: two propagated ones with S draws, the last with 8·S
+    assert st.width == 32 and st.V.rank == 2 * 4096 + 8 * 4096 and st.V.last.shape == (8 * 4096, 5)
 
 
 def test_factored_vertex_contractions_are_the_dense_algebra():
