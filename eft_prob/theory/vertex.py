@@ -145,14 +145,19 @@ def _smooth_pair_integrals(act, K, n=_SMOOTH_PAIR_NODES):
         k11, k22, k12 = jnp.broadcast_arrays(k11, k22, k12)
         Kb = jnp.stack([jnp.stack([k11, k12], -1), jnp.stack([k12, k22], -1)], -2)
         zs, ws = gauss._nested_nodes(Kb, False, n)
-        a, b = zs
-        a0, a2 = s0(a), s2(a)
+        a, b = zs  # (..., n, 1) on the outer axis, (..., n, n) on the grid
         b0, b1, b2 = s0(b), s1(b), s2(b)
-        vals = [a2 * b0, s4(a) * b0, s3(a) * b1, a2 * b2] + [a0**j * b0 ** (4 - j) for j in range(5)]
-        out = jnp.stack(jnp.broadcast_arrays(*vals))
-        for k in (1, 0):
-            out = jnp.sum(out * ws[k], axis=-1)
-        return out
+        # inner integrals over the second axis first (nothing of size 9 × grid is formed)
+        inner = lambda g: jnp.sum(g * ws[1], axis=-1)  # (..., n)
+        b0sq = b0 * b0
+        Ib = [inner(g) for g in (b0, b1, b2, b0sq, b0sq * b0, b0sq * b0sq)]
+        I0, I1, I2, I0_2, I0_3, I0_4 = Ib
+        ones = jnp.broadcast_to(jnp.sum(ws[1], axis=-1), I0.shape)
+        a = a[..., 0]
+        a0, a2 = s0(a), s2(a)
+        vals = [a2 * I0, s4(a) * I0, s3(a) * I1, a2 * I2, I0_4, a0 * I0_3, a0**2 * I0_2, a0**3 * I0, a0**4 * ones]
+        w0 = ws[0]
+        return jnp.stack([jnp.sum(v * w0, axis=-1) for v in vals])
 
     return _rowwise(block, K, n * n * 12)
 
