@@ -47,7 +47,7 @@ def warm(fn, *args, repeat=3, **kwargs):
     return min(timed(fn, *args, **kwargs)[1] for _ in range(repeat))
 
 
-def main(quick: bool = False, activation: str = "relu"):
+def main(quick: bool = False, activation: str = "relu", dense: bool = True):
     rng = np.random.default_rng(0)
     spec = ep.MLPSpec.at_criticality(3, (64, 64), 1, activation)
     nA, nB = (20, 60) if quick else (50, 200)
@@ -92,25 +92,26 @@ def main(quick: bool = False, activation: str = "relu"):
     rows.append(("baseline: §5.2 contractions, S = 4096 for every source, warm", t_contract_u))
     eff = [(eu**2 * (t_stat_u + t_contract_u)) / (e**2 * (t_stat + t_contract)) for eu, e in zip(mc_u, mc)]
 
-    # the naive path at N = 20: exact dense V and dense contractions, vs factored at the same N
-    n_a, n_b = 8, 12
-    d20 = D[: n_a + n_b]
-    y20 = y[:n_a]
-    Vd, t_dense_v = timed(four_point_vertex, spec, d20)
-    t_dense_v = warm(four_point_vertex, spec, d20, repeat=1)
-    st20 = prior_statistics(spec, d20, factored=True)
-    G20 = st20.K + st20.K1 / st20.width
-    t_dense_c = warm(nlo_moments, G20, Vd, st20.width, y20, s2)
-    t_fact_v = warm(prior_statistics, spec, d20, factored=True, repeat=1)
-    t_fact_c = warm(nlo_moments, G20, st20.V, st20.width, y20, s2)
-    a, b = nlo_moments(G20, Vd, st20.width, y20, s2), nlo_moments(G20, st20.V, st20.width, y20, s2)
-    rel = float(np.abs(a.mean - b.mean).max() / np.abs(a.mean - a.gp_mean).max())
-    rows.append(("N=20: dense exact V (four_point_vertex), warm", t_dense_v))
-    rows.append(("N=20: dense contractions, warm", t_dense_c))
-    rows.append(("N=20: factored statistics, warm", t_fact_v))
-    rows.append(("N=20: factored contractions, warm", t_fact_c))
-    mix = lambda: BayesianPosterior(spec, X[:n_a], y20, XT[:n_b], s2, order=1, form="mixture").scale_trils
-    rows.append(("N=20: BayesianPosterior(order=1, form='mixture'), warm", warm(mix, repeat=1)))
+    if dense:
+        # the naive path at N = 20: exact dense V and dense contractions, vs factored at the same N
+        n_a, n_b = 8, 12
+        d20 = D[: n_a + n_b]
+        y20 = y[:n_a]
+        Vd, t_dense_v = timed(four_point_vertex, spec, d20)
+        t_dense_v = warm(four_point_vertex, spec, d20, repeat=1)
+        st20 = prior_statistics(spec, d20, factored=True)
+        G20 = st20.K + st20.K1 / st20.width
+        t_dense_c = warm(nlo_moments, G20, Vd, st20.width, y20, s2)
+        t_fact_v = warm(prior_statistics, spec, d20, factored=True, repeat=1)
+        t_fact_c = warm(nlo_moments, G20, st20.V, st20.width, y20, s2)
+        a, b = nlo_moments(G20, Vd, st20.width, y20, s2), nlo_moments(G20, st20.V, st20.width, y20, s2)
+        rel = float(np.abs(a.mean - b.mean).max() / np.abs(a.mean - a.gp_mean).max())
+        rows.append(("N=20: dense exact V (four_point_vertex), warm", t_dense_v))
+        rows.append(("N=20: dense contractions, warm", t_dense_c))
+        rows.append(("N=20: factored statistics, warm", t_fact_v))
+        rows.append(("N=20: factored contractions, warm", t_fact_c))
+        mix = lambda: BayesianPosterior(spec, X[:n_a], y20, XT[:n_b], s2, order=1, form="mixture").scale_trils
+        rows.append(("N=20: BayesianPosterior(order=1, form='mixture'), warm", warm(mix, repeat=1)))
 
     print("| step | time |")
     print("|---|---|")
@@ -121,19 +122,20 @@ def main(quick: bool = False, activation: str = "relu"):
         f"uniform S=4096 {mc_u[0]:.0%} / {mc_u[1]:.0%}; last source 8·S {mc[0]:.0%} / {mc[1]:.0%}; "
         f"efficiency (variance × time, uniform / current) {eff[0]:.1f}x / {eff[1]:.1f}x"
     )
-    print(
-        f"N=20 dense/factored: statistics {t_dense_v / t_fact_v:.1f}x, contractions {t_dense_c / t_fact_c:.2f}x; "
-        f"Monte Carlo error of the factored 1/n mean term: {rel:.1%} of it"
-    )
-    # the dense vertex has C(N+3, 4) distinct entries: its cost at N_A + N_B, extrapolated
-    from math import comb
+    if dense:
+        print(
+            f"N=20 dense/factored: statistics {t_dense_v / t_fact_v:.1f}x, contractions {t_dense_c / t_fact_c:.2f}x; "
+            f"Monte Carlo error of the factored 1/n mean term: {rel:.1%} of it"
+        )
+        # the dense vertex has C(N+3, 4) distinct entries: its cost at N_A + N_B, extrapolated
+        from math import comb
 
-    N = nA + nB
-    print(
-        f"dense V at N={N} (extrapolated from N=20 by C(N+3,4)): "
-        f"{t_dense_v * comb(N + 3, 4) / comb(23, 4) / 3600:.1f} h and {N**4 * 8 / 2**30:.1f} GiB; "
-        f"factored path end to end: {rows[4][1]:.1f} s"
-    )
+        N = nA + nB
+        print(
+            f"dense V at N={N} (extrapolated from N=20 by C(N+3,4)): "
+            f"{t_dense_v * comb(N + 3, 4) / comb(23, 4) / 3600:.1f} h and {N**4 * 8 / 2**30:.1f} GiB; "
+            f"factored path end to end: {rows[4][1]:.1f} s"
+        )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak resident memory: {peak:.0f} MiB; load average at the end {os.getloadavg()}")
 
@@ -143,5 +145,6 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="20 + 60 inputs instead of 50 + 200")
     p.add_argument("--activation", default="relu", choices=("relu", "tanh"))
+    p.add_argument("--no-dense", action="store_true", help="skip the N = 20 dense baseline (e.g. on a GPU)")
     a = p.parse_args()
-    main(a.quick, a.activation)
+    main(a.quick, a.activation, not a.no_dense)

@@ -1,23 +1,31 @@
-"""Benchmark: the O(1/n) prior statistics (K, K^{1}, V) for many inputs.
+"""Benchmark: the O(1/n) prior statistics (K, K^{1}, V) and the posterior for many inputs.
 
-Prints, for N inputs at depth 10 (ReLU and tanh at criticality, width 64):
+Two tables, each measured in this run:
 
-* ``prior_statistics`` with the factored vertex (exact K and K^{1}; V as the covariance of the
-  random kernel, Monte Carlo source with S = 4096 draws per layer), cold (compile included) and
-  warm;
-* one contraction Σ V X X (what the O(1/n) formulas need), warm;
-* the dense exact vertex (O(N⁴) four-dimensional Gaussian integrals per layer) at N = 10 and 16
-  as the baseline, with the factored path's relative error against it at the same N;
-* peak resident memory of the process.
+1. **Factored vs dense vertex at N = 20** (depth 4, ReLU and tanh at criticality, width 64): the
+   exact dense V (O(N⁴) four-dimensional Gaussian integrals per layer, the baseline) against
+   ``prior_statistics(..., factored=True)`` (exact K and K^{1}; V as the covariance of the random
+   kernel with a Monte Carlo source: S = 4096 draws per propagated source, 8·S for the last), with
+   the factored V's error: the largest |V_fact − V_dense| relative to max |V|, the same in units
+   of the reported Monte Carlo standard error (``FactoredVertex.dense(with_error=True)``), and the
+   error of the O(1/n) posterior mean and covariance terms (8 training + 12 test inputs).
+2. **N = 1000 inputs at depth 10** (width 512): ``prior_statistics`` (cold = compile included,
+   warm) and ``nlo_posterior_marginals`` for N_A = 100 training + N_B = 900 test inputs (means and
+   marginal variances at O(1/n), with their Monte Carlo standard errors relative to the 1/n terms).
 
-Usage: ``PYTHONPATH=. python benchmarks/bench_vertex.py [--quick]``.
+The process's peak resident memory is printed after each row (it only grows).
+
+Usage: ``PYTHONPATH=. python benchmarks/bench_vertex.py [--quick] [--activations relu tanh]``
+(``--quick``: N = 12 and N = 200).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import time
+import warnings
 
 import jax
 import numpy as np
@@ -25,7 +33,8 @@ import numpy as np
 jax.config.update("jax_enable_x64", True)
 
 import eft_prob as ep  # noqa: E402
-from eft_prob.theory import four_point_vertex, prior_statistics  # noqa: E402
+from eft_prob.theory import four_point_vertex, nlo_posterior_marginals, prior_statistics  # noqa: E402
+from eft_prob.theory.bayes import nlo_moments  # noqa: E402
 
 
 def timed(fn, *args, **kwargs):
@@ -34,31 +43,80 @@ def timed(fn, *args, **kwargs):
     return out, time.perf_counter() - t
 
 
-def main(quick: bool = False):
+def peak_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def dense_vs_factored(act: str, N: int, rng) -> None:
+    spec = ep.MLPSpec.at_criticality(3, [64] * 3, 1, act)
+    X = rng.normal(size=(N, 3))
+    nA = 8 * N // 20
+    y = np.sin(2 * X[:nA, :1])
+    Vd, t_d = timed(four_point_vertex, spec, X)
+    _, t_f_cold = timed(prior_statistics, spec, X, factored=True)
+    st, t_f = timed(prior_statistics, spec, X, factored=True)
+    Vf, se = (np.asarray(a) for a in st.V.dense(with_error=True))
+    Vd = np.asarray(Vd)
+    rel = np.abs(Vf - Vd).max() / np.abs(Vd).max()
+    z = np.abs(Vf - Vd) / np.maximum(se, 1e-300 + 1e-12 * np.abs(Vd).max())
+    G = st.K + st.K1 / st.width
+    a, b = nlo_moments(G, Vd, st.width, y, 0.01), nlo_moments(G, st.V, st.width, y, 0.01)
+    dm = np.abs(np.asarray(b.mean - a.mean)).max() / np.abs(np.asarray(a.mean - a.gp_mean)).max()
+    c0 = np.kron(np.asarray(a.gp_covariance), np.eye(1))
+    dc = np.abs(np.asarray(b.covariance - a.covariance)).max() / np.abs(np.asarray(a.covariance) - c0).max()
+    zm = np.abs(np.asarray(b.mean - a.mean)) / np.maximum(np.asarray(b.mean_se), 1e-300)
+    print(
+        f"| {act} | {N} | {t_d:.1f} s | {t_f:.3f} s ({t_f_cold:.1f} s cold) | {t_d / t_f:.0f}x | {rel:.2%} | "
+        f"{z.max():.1f} | {dm:.1%} (max z {zm.max():.1f}) | {dc:.1%} | {peak_gib():.2f} |"
+    )
+
+
+def many_inputs(act: str, nA: int, nB: int, depth: int, rng) -> None:
+    spec = ep.MLPSpec.at_criticality(8, [512] * (depth - 1), 1, act)
+    X = rng.normal(size=(nA, 8)) / np.sqrt(8)
+    XT = rng.normal(size=(nB, 8)) / np.sqrt(8)
+    y = np.sin(3 * X[:, :1])
+    D = np.concatenate([X, XT])
+    _, t_cold = timed(prior_statistics, spec, D)
+    st, t_warm = timed(prior_statistics, spec, D)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ep.ApproximationWarning)  # the error is printed instead
+        _, p_cold = timed(nlo_posterior_marginals, spec, X, y, XT, 0.01)
+        r, p_warm = timed(nlo_posterior_marginals, spec, X, y, XT, 0.01)
+    em = float(np.abs(r.mean_se).max() / np.abs(r.mean - r.gp_mean).max())
+    ev = float(np.abs(r.variance_se).max() / np.abs(r.variance - r.gp_variance[:, None]).max())
+    print(
+        f"| {act} | {nA + nB} ({nA} + {nB}) | {depth} | {t_cold:.1f} s | {t_warm:.1f} s | {p_cold:.1f} s | "
+        f"{p_warm:.1f} s | {em:.0%} / {ev:.0%} | {st.V.rank} | {peak_gib():.2f} |"
+    )
+
+
+def main(quick: bool, activations, many_only: bool = False) -> None:
     rng = np.random.default_rng(0)
-    print("| activation | N | factored cold | factored warm | contraction | dense (exact) | rel. err. of factored |")
-    print("|---|---|---|---|---|---|---|")
-    for act in ("relu", "tanh"):
-        spec = ep.MLPSpec.at_criticality(3, [64] * 9, 1, act)
-        for N in (10, 16) if quick else (10, 16, 100):
-            X = rng.normal(size=(N, 3))
-            st, cold = timed(prior_statistics, spec, X, factored=True, samples=4096)
-            st, warm = timed(prior_statistics, spec, X, factored=True, samples=4096)
-            A = np.eye(N)[None]
-            _, t_c = timed(st.V.contract, A)
-            _, t_c = timed(st.V.contract, A)
-            dense, err = "—", "—"
-            if N <= 16:
-                Vd, t_d = timed(four_point_vertex, spec, X)
-                Vf = np.asarray(st.V.dense())
-                dense = f"{t_d:.1f} s"
-                err = f"{np.abs(Vf - Vd).max() / np.abs(Vd).max():.2%}"
-            print(f"| {act} | {N} | {cold:.1f} s | {warm:.2f} s | {t_c * 1e3:.0f} ms | {dense} | {err} |")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"\npeak resident memory: {peak:.0f} MiB")
+    print(f"# jax {jax.__version__}, backend {jax.default_backend()}, load average {os.getloadavg()}\n")
+    print("## Factored vs dense vertex (depth 4, width 64; posterior terms: 40% training inputs, σ² = 0.01)\n")
+    print(
+        "| activation | N | dense (exact) | factored | dense/factored | max rel. err. of V | max |err|/s.e. | "
+        "err. of 1/n mean term | err. of 1/n cov. term | peak RSS GiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for act in [] if many_only else activations:
+        dense_vs_factored(act, 12 if quick else 20, rng)
+    print("\n## Many inputs: prior statistics and the O(1/n) posterior marginals (width 512, σ² = 0.01)\n")
+    print(
+        "| activation | N (N_A + N_B) | depth | prior_statistics cold | warm | nlo_posterior_marginals cold | warm | "
+        "MC s.e. / 1/n term (mean / variance) | rank of V | peak RSS GiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for act in activations:
+        many_inputs(act, 20 if quick else 100, 180 if quick else 900, 10, rng)
+    print(f"\nload average at the end {os.getloadavg()}")
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="skip N = 100")
-    main(p.parse_args().quick)
+    p.add_argument("--quick", action="store_true", help="N = 12 and N = 200 instead of 20 and 1000")
+    p.add_argument("--activations", nargs="+", default=["relu", "tanh"], choices=["relu", "tanh"])
+    p.add_argument("--many-only", action="store_true", help="only the second table (e.g. on a GPU)")
+    a = p.parse_args()
+    main(a.quick, a.activations, a.many_only)
