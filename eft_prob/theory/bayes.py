@@ -154,49 +154,14 @@ def _is_factored(V) -> bool:
     return isinstance(V, FactoredVertex)
 
 
-def _embed(X, N):
-    """An (N_A, N_A) matrix as the training block of an (N, N) one."""
-    nA = X.shape[0]
-    return jnp.zeros((N, N), X.dtype).at[:nA, :nA].set(X)
-
-
 def _pair(V, X, marginal: bool = False):
     """Σ_{cd} V_{(ab)(cd)} X_{cd} for X living on the training block (N_A, N_A): the (N, N) matrix,
     or with ``marginal`` its training columns (N, N_A) and its diagonal (N,)."""
     nA = X.shape[0]
     if _is_factored(V):
-        return _pair_factored(V, X, marginal)
+        return V.matvec(X, parts=marginal)
     M1 = jnp.einsum("abcd,cd->ab", V[:, :, :nA, :nA], X)
     return (M1[:, :nA], jnp.diagonal(M1)) if marginal else M1
-
-
-def _pair_factored(fv, X, marginal: bool):
-    """:func:`_pair` for a FactoredVertex, source by source: the projections ⟨Y_s, X⟩ need only the
-    training entries of the draws (O(S·N_A²)); the weighted sum of the columns costs O(S·N²) in full
-    and O(S·N·N_A) for the training columns and the diagonal."""
-    nA = X.shape[0]
-    N = fv.n_inputs
-    cols = jnp.zeros((N, nA), X.dtype)
-    diag = jnp.zeros((N,), X.dtype)
-    full = jnp.zeros((N, N), X.dtype)
-    for layer in range(fv.n_sources):
-        phi, M, P, A, B = fv.samples(layer), fv.M[layer], fv.P[layer], fv.A[layer], fv.B[layer]
-        u = phi**2 - jnp.diagonal(M)[None]
-        PX = P[:nA, :nA] * X
-        phA = phi[:, :nA]
-        rows = jnp.sum(A[:nA, :nA] * X, axis=1) + jnp.sum(B[:nA, :nA] * X, axis=0)
-        coef = jnp.sum((phA @ PX) * phA, axis=1) - jnp.sum(PX * M[:nA, :nA]) + u[:, :nA] @ rows
-        coef = coef * fv.weight[layer]  # (S,) weighted ⟨Y_s, X⟩
-        csum, cu = jnp.sum(coef), coef @ u  # Σ_s coef_s, Σ_s coef_s u_s
-        if marginal:
-            outer = (phi * coef[:, None]).T @ phA - csum * M[:, :nA]
-            cols = cols + P[:, :nA] * outer + A[:, :nA] * cu[:, None] + B[:, :nA] * cu[None, :nA]
-            dg = coef @ phi**2 - csum * jnp.diagonal(M)
-            diag = diag + jnp.diagonal(P) * dg + (jnp.diagonal(A) + jnp.diagonal(B)) * cu
-        else:
-            outer = (phi * coef[:, None]).T @ phi - csum * M
-            full = full + P * outer + A * cu[:, None] + B * cu[None, :]
-    return (cols, diag) if marginal else full
 
 
 _CHUNK = 256  # at most this many Monte Carlo columns per step of the factored accumulation
@@ -340,13 +305,12 @@ def _factored_cross(fv, Gt, F, yt, Proj, last_rank_one=True, marginal=False):
     if n_prop:
         xs = (fv.M[:n_prop], fv.P[:n_prop], fv.A[:n_prop], fv.B[:n_prop], fv.phi, fv.weight[:n_prop])
         acc = lax.scan(general_layer, acc, xs)[0]
-    last = (fv.M[-1], fv.P[-1], fv.A[-1], fv.B[-1], fv.last, fv.weight[-1])
     if last_rank_one:
         ph, wt = _chunked_draws(fv.last, fv.weight[-1], min(_CHUNK, fv.last.shape[0]))
         step = lambda acc, x: (add(acc, _rank_one_chunk(fv.M[-1], x[0], x[1], *args)), None)
         acc = lax.scan(step, acc, (ph, wt))[0]
     else:
-        acc = general_layer(acc, last)[0]
+        acc = general_layer(acc, (fv.M[-1], fv.P[-1], fv.A[-1], fv.B[-1], fv.last, fv.weight[-1]))[0]
     return acc
 
 
@@ -613,7 +577,7 @@ def _warn_regime(spec, D, st, what):
 MC_WARN = 0.25
 
 
-def _warn_mc(V, pairs, what, samples):
+def _warn_mc(V, pairs, what):
     """ApproximationWarning when a V term's Monte Carlo standard error exceeds MC_WARN of its size."""
     from .._config import ApproximationWarning
 
@@ -694,7 +658,6 @@ def nlo_posterior_moments(
             (r.covariance_se, r.covariance - jnp.kron(r.gp_covariance, jnp.eye(y.shape[1]))),
         ],
         "nlo_posterior_moments",
-        samples,
     )
     return r
 
@@ -721,7 +684,6 @@ def nlo_posterior_marginals(
         st.V,
         [(r.mean_se, r.mean - r.gp_mean), (r.variance_se, r.variance - r.gp_variance[:, None])],
         "nlo_posterior_marginals",
-        samples,
     )
     return r
 
@@ -766,5 +728,5 @@ def log_evidence(spec, X, y, noise_var, *, order: int = 0, samples: int = 4096, 
     st = _statistics(spec, X, samples, key, "log_evidence(order=1)")
     G = st.K + st.K1 / st.width
     ev, se = _nlo(G, st.V, st.width, y, noise_var, False)
-    _warn_mc(st.V, [(se, ev - gp_log_evidence(G, y, noise_var))], "log_evidence(order=1)", samples)
+    _warn_mc(st.V, [(se, ev - gp_log_evidence(G, y, noise_var))], "log_evidence(order=1)")
     return ev

@@ -695,17 +695,32 @@ class FactoredVertex(NamedTuple):
             out = out + self.weight[layer] * (a @ b.T)
         return out
 
-    def matvec(self, X) -> jax.Array:
-        """(V·X)[a, b] = Σ_cd V[a,b,c,d] X[c,d] for one symmetric (N, N) X."""
+    def matvec(self, X, *, parts: bool = False):
+        """(V·X)[a, b] = Σ_cd V[a,b,c,d] X[c,d] for one symmetric X on the leading n×n block of the
+        inputs ((n, n), n <= N; zero elsewhere): the (N, N) matrix, or with ``parts`` only its first n
+        columns (N, n) and its diagonal (N,).  The projections ⟨Y_s, X⟩ need only the block's entries
+        of the draws (O(S·n²) per source); the weighted sum of the columns costs O(S·N²), or O(S·N·n)
+        with ``parts``."""
         X = jnp.asarray(X)
-        out = jnp.zeros_like(self.M[0]) if self.n_sources else jnp.zeros_like(X)
+        n, N = X.shape[0], self.n_inputs
+        cols, diag, full = jnp.zeros((N, n), X.dtype), jnp.zeros((N,), X.dtype), jnp.zeros((N, N), X.dtype)
         for layer in range(self.n_sources):
-            phi, M = self.samples(layer), self.M[layer]
-            coef = self._project_layer(layer, X[None])[0] * self.weight[layer]  # (S_ℓ,)
-            outer = (phi * coef[:, None]).T @ phi - coef.sum() * M
-            cu = coef @ (phi**2 - jnp.diagonal(M)[None])
-            out = out + self.P[layer] * outer + self.A[layer] * cu[:, None] + self.B[layer] * cu[None, :]
-        return out
+            phi, M, P, A, B = self.samples(layer), self.M[layer], self.P[layer], self.A[layer], self.B[layer]
+            u = phi**2 - jnp.diagonal(M)[None]
+            PX, phB = P[:n, :n] * X, phi[:, :n]
+            rows = jnp.sum(A[:n, :n] * X, axis=1) + jnp.sum(B[:n, :n] * X, axis=0)
+            coef = jnp.sum((phB @ PX) * phB, axis=1) - jnp.sum(PX * M[:n, :n]) + u[:, :n] @ rows
+            coef = coef * self.weight[layer]  # (S_ℓ,) weighted ⟨Y_s, X⟩
+            csum, cu = jnp.sum(coef), coef @ u  # Σ_s coef_s, Σ_s coef_s u_s
+            if parts:
+                outer = (phi * coef[:, None]).T @ phB - csum * M[:, :n]
+                cols = cols + P[:, :n] * outer + A[:, :n] * cu[:, None] + B[:, :n] * cu[None, :n]
+                dg = coef @ phi**2 - csum * jnp.diagonal(M)
+                diag = diag + jnp.diagonal(P) * dg + (jnp.diagonal(A) + jnp.diagonal(B)) * cu
+            else:
+                outer = (phi * coef[:, None]).T @ phi - csum * M
+                full = full + P * outer + A * cu[:, None] + B * cu[None, :]
+        return (cols, diag) if parts else full
 
     def pair_matrix(self, *, chunk: int = 512) -> jax.Array:
         """V on symmetric-matrix coordinates: (P, P), P = N(N+1)/2, entry (p, q) = w_p w_q V[a_p,b_p,a_q,b_q]

@@ -543,6 +543,8 @@ def test_prior_statistics_switches_to_the_factored_vertex_above_24_inputs():
     assert st.V.shape == (5,) * 4
     with pytest.raises(ValueError, match="samples"):
         prior_statistics(spec, np.linspace(-1, 1, 5)[:, None], factored=True, samples=0)
+    with pytest.raises(ValueError, match="last_samples"):
+        prior_statistics(spec, np.linspace(-1, 1, 5)[:, None], factored=True, last_samples=1)
 
 
 @pytest.mark.parametrize("slopes", [(1.0, 0.0), (1.0, 0.2), (0.7, -1.3)])
