@@ -219,12 +219,80 @@ def pair_moments(act: Activation, K11, K22, K12, *, quadrature: bool = False, or
     return ss, dd
 
 
+#: unordered pairs per vectorized block of :func:`over_pairs` (twice as many where odd σ halves
+#: the grid), and the unrolling of the inner loop of :func:`inner_sums` (measured on 2 CPU cores:
+#: tanh pair integrals at N = 250, 48 nodes per axis, 5.4x faster than a materialized
+#: (pairs, n, n) grid; 4-fold unrolling another 1.4x; the odd-σ half grid another 1.7x at N = 500)
+_PAIR_BATCH = 1024
+_INNER_UNROLL = 4
+
+
+@functools.cache
+def _upper_pairs(N: int):
+    return tuple(v.astype(np.int32) for v in np.triu_indices(N))
+
+
+def over_pairs(pair: Callable, K, batch: int | None = None):
+    """``pair(k11, k22, k12) -> (F,)`` for every unordered pair a <= b of the (N, N) kernel K.
+
+    Returns ``(out (F, P), iu, ju)`` with P = N(N+1)/2 and (iu, ju) = ``np.triu_indices(N)``; the
+    pairs are evaluated ``batch`` (default :data:`_PAIR_BATCH`) at a time (vmap inside ``lax.map``),
+    so memory stays bounded.
+    """
+    N = K.shape[0]
+    batch = _PAIR_BATCH if batch is None else batch
+    iu, ju = _upper_pairs(N)
+    d = jnp.diagonal(K)
+    f = lambda ij: pair(d[ij[0]], d[ij[1]], K[ij[0], ij[1]])
+    out = jax.lax.map(f, (iu, ju), batch_size=min(batch, iu.shape[0]))
+    return out.T, iu, ju
+
+
+def inner_sums(fns: Callable, c, l22, x, w, parity=None):
+    """Inner sums of a nested two-dimensional rule for one pair: for every outer node i,
+    ``S_k[i] = Σ_j w_j f_k(c_i + l22·x_j)`` with (f_k) = ``fns(z)`` (a tuple of arrays).
+
+    The sum over the inner nodes j runs as an (unrolled) loop of vector updates over i, so no
+    (n, n) grid is stored and σ and its derivatives are evaluated once per grid point.  With
+    ``parity`` (±1 per f_k: f_k(−z) = ±f_k(z)), a rule symmetric about 0 (x_{n−1−j} = −x_j, equal
+    weights) and c odd in i, the grid is point-symmetric and only the first half of the outer nodes
+    is evaluated: S_k[n−1−i] = parity_k·S_k[i].
+    """
+    n = c.shape[0]
+    if parity is not None:
+        c = c[: (n + 1) // 2]
+
+    def body(acc, xw):
+        v = fns(c + l22 * xw[0])
+        return tuple(a + xw[1] * f for a, f in zip(acc, v)), None
+
+    first = tuple(w[0] * f for f in fns(c + l22 * x[0]))
+    out, _ = jax.lax.scan(body, first, (x[1:], w[1:]), unroll=_INNER_UNROLL)
+    if parity is not None:
+        out = tuple(jnp.concatenate([S, p * S[: n // 2][::-1]]) for S, p in zip(out, parity))
+    return out
+
+
+@functools.cache
+def is_odd(act: Activation) -> bool:
+    """Whether σ(−z) = −σ(z) (to 1e-13 relative on 400 points of (0, 20]): then the two-dimensional
+    rules evaluate half of their grid (:func:`inner_sums`).  Decided numerically, so user
+    activations benefit too; False when the theory does not run in float64."""
+    z = np.linspace(0.05, 20.0, 400)
+    with jax.ensure_compile_time_eval():
+        a, b = np.asarray(act.fn(jnp.asarray(z))), np.asarray(act.fn(jnp.asarray(-z)))
+    if a.dtype != np.float64 or not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        return False
+    return bool(np.all(np.abs(a + b) <= 1e-13 * np.maximum(np.abs(a), 1e-300)))
+
+
 def sigma_moments(act: Activation, K, *, quadrature: bool = False, orders=None):
     """Matrices (⟨σ_ασ_β⟩_K, ⟨σ'_ασ'_β⟩_K) for an (N, N) kernel K.
 
     With quadrature, every entry (the diagonal included) uses the same two-dimensional rule, so
-    duplicated inputs give exactly duplicated rows and the kernel stays PSD; rows are evaluated in
-    chunks to bound memory.
+    duplicated inputs give exactly duplicated rows and the kernel stays PSD.  Smooth σ: each
+    unordered pair once (:func:`over_pairs`), the inner axis summed as a loop
+    (:func:`inner_sums`); kinked σ: rows in chunks to bound memory.
     """
     K = jnp.asarray(K)
     d = jnp.diagonal(K)
@@ -232,7 +300,20 @@ def sigma_moments(act: Activation, K, *, quadrature: bool = False, orders=None):
         return act.pair(d[:, None], d[None, :], K)
     N = K.shape[0]
     o = _orders(orders)
-    nodes = 4 * o["arc"] * o["radial"] if act.kinked else o["smooth2"] ** 2
+    if not act.kinked:
+        x, w = (jnp.asarray(v, K.dtype) for v in _sinh_trapezoid(o["smooth2"]))
+        fn, gr, odd = act.fn, act.grad, is_odd(act)
+
+        def pair(k11, k22, k12):
+            l11, l21, l22 = _cholesky_2x2(k11, k22, k12)
+            I0, I1 = inner_sums(lambda z: (fn(z), gr(z)), l21 * x, l22, x, w, (-1, 1) if odd else None)
+            a = l11 * x
+            return jnp.stack([jnp.sum(w * fn(a) * I0), jnp.sum(w * gr(a) * I1)])
+
+        out, iu, ju = over_pairs(pair, K, 2 * _PAIR_BATCH if odd else None)  # half the grid per pair
+        sym = lambda v: jnp.zeros_like(K).at[iu, ju].set(v).at[ju, iu].set(v)
+        return sym(out[0]), sym(out[1])
+    nodes = 4 * o["arc"] * o["radial"]
     rows = max(1, min(N, _MAX_CHUNK_ELEMS // max(1, N * nodes)))
 
     def row_block(args):
@@ -358,6 +439,20 @@ def _cholesky_psd(K):
     return L
 
 
+def _adapted_sinh(kmax, n: int):
+    """Nodes x and weights w (..., n) of the sinh trapezoid adapted to a kernel of largest variance
+    ``kmax`` (...,): ξ = s·sinh(u), s = 1.5·min(1, 1/√kmax), |ξ| <= 7 + 2(1.5 − s) (see above)."""
+    kmax = jax.lax.stop_gradient(kmax)
+    s = 1.5 * jnp.minimum(1.0, jax.lax.rsqrt(jnp.maximum(kmax, 1e-300)))
+    xmax = 7.0 + 2.0 * (1.5 - s)
+    umax = jnp.arcsinh(xmax / s)
+    u = umax[..., None] * jnp.linspace(-1.0, 1.0, n, dtype=jnp.result_type(kmax))
+    h = (2.0 * umax / (n - 1))[..., None]
+    x = s[..., None] * jnp.sinh(u)
+    w = h * s[..., None] * jnp.cosh(u) * jnp.exp(-x * x / 2) / np.sqrt(2 * np.pi)
+    return x, w
+
+
 def _nested_nodes(K, kinked: bool, n: int):
     """Nested rule for (..., m, m) kernels K: lists zs, ws with, for each axis k = 0..m-1,
 
@@ -372,14 +467,7 @@ def _nested_nodes(K, kinked: bool, n: int):
     g = lambda a, k: a[(...,) + (None,) * k]  # append k singleton axes
     xis, ws = [], []
     if not kinked:
-        kmax = jax.lax.stop_gradient(jnp.max(jnp.diagonal(K, axis1=-2, axis2=-1), axis=-1))
-        s = 1.5 * jnp.minimum(1.0, jax.lax.rsqrt(jnp.maximum(kmax, 1e-300)))
-        xmax = 7.0 + 2.0 * (1.5 - s)
-        umax = jnp.arcsinh(xmax / s)
-        u = umax[..., None] * jnp.linspace(-1.0, 1.0, n, dtype=dt)
-        h = (2.0 * umax / (n - 1))[..., None]
-        x = s[..., None] * jnp.sinh(u)
-        w = h * s[..., None] * jnp.cosh(u) * jnp.exp(-x * x / 2) / np.sqrt(2 * np.pi)
+        x, w = _adapted_sinh(jnp.max(jnp.diagonal(K, axis1=-2, axis2=-1), axis=-1), n)
         for k in range(m):
             shape = batch + (1,) * k + (n,)
             xis.append(x.reshape(shape))

@@ -82,15 +82,44 @@ def test_matrix_moments_closed_vs_quadrature():
             np.testing.assert_allclose(a, b, atol=1e-10, rtol=1e-10)
 
 
-def test_quadrature_chunking_does_not_change_results(monkeypatch):
+@pytest.mark.parametrize("name", ["tanh", "relu"])
+def test_quadrature_chunking_does_not_change_results(monkeypatch, name):
+    """Smooth σ: unordered pairs in blocks (21 pairs in blocks of 4, with a remainder); kinked σ:
+    rows in chunks."""
     X = np.random.default_rng(2).normal(size=(6, 2))
     K = 0.1 + X @ X.T
-    act = get_activation("tanh")
-    full = gauss.sigma_moments(act, K)
+    act = get_activation(name)
+    full = gauss.sigma_moments(act, K, quadrature=True)
     monkeypatch.setattr(gauss, "_MAX_CHUNK_ELEMS", 1)
-    chunked = gauss.sigma_moments(act, K)
+    monkeypatch.setattr(gauss, "_PAIR_BATCH", 4)
+    chunked = gauss.sigma_moments(act, K, quadrature=True)
     for a, b in zip(full, chunked):
         np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)
+        np.testing.assert_array_equal(a, a.T)
+
+
+@pytest.mark.parametrize("name", ["tanh", "gelu"])
+def test_smooth_matrix_moments_equal_the_elementwise_rule(name):
+    """The pairwise path of sigma_moments (each unordered pair once, inner axis as a loop) against
+    the elementwise 2-D rule on every ordered pair, diagonal and a near-duplicate included; and its
+    gradient against finite differences."""
+    act = get_activation(name)
+    X = np.random.default_rng(4).normal(size=(7, 3))
+    X[2] = X[1] * 1.001
+    K = jnp.asarray(X @ X.T / 3 + 0.05)
+    d = jnp.diagonal(K)
+    ss, dd = gauss.sigma_moments(act, K)
+    ref = gauss.pair_moments(act, d[:, None], d[None, :], K, quadrature=True)
+    for a, b in zip((ss, dd), ref):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)
+
+    def total(c):
+        s, t = gauss.sigma_moments(act, c * K)
+        return jnp.sum(s * t)
+
+    h = 1e-5
+    fd = (float(total(1.1 + h)) - float(total(1.1 - h))) / (2 * h)
+    assert float(jax.grad(total)(1.1)) == pytest.approx(fd, rel=1e-7)
 
 
 @pytest.mark.parametrize("name", ["relu", "erf", "tanh", "leaky_relu", "gelu"])
