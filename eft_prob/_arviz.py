@@ -15,16 +15,37 @@ Drop the 0.23 branch once Python 3.12 is the minimum.
 from __future__ import annotations
 
 import os
+import time
 import warnings
 
 import numpy as np
 import xarray as xr
 
+
+def _import_arviz():
+    """``import arviz``, tolerating arviz 0.23.4's once-a-day stamp-file race.
+
+    On the first import of a day arviz 0.23.4 writes ``<cache>/arviz/daily_warning`` through a
+    fixed temporary name, so two processes importing it at the same moment (pytest-xdist workers,
+    parallel jobs of a sweep) can make one of them fail with ``FileNotFoundError``.  The failed
+    import leaves nothing in ``sys.modules``; by the retry the stamp holds today's date and arviz
+    skips the write.
+    """
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():
+                # arviz 0.23 announces its 1.0 refactor with a FutureWarning on import: not actionable here.
+                warnings.filterwarnings("ignore", category=FutureWarning)
+                import arviz
+            return arviz
+        except OSError:
+            if attempt == 4:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+
+
 try:
-    with warnings.catch_warnings():
-        # arviz 0.23 announces its 1.0 refactor with a FutureWarning on import: not actionable here.
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        import arviz as az
+    az = _import_arviz()
 except ImportError as err:  # pragma: no cover - depends on the installation
     raise ImportError("eft_prob.inference and eft_prob.compare need ArviZ: pip install 'eft_prob[arviz]'.") from err
 
