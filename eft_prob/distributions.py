@@ -314,6 +314,23 @@ class TrainedNetwork(KernelGaussian):
 # Finite width: mixtures over the random kernel.
 
 
+def _pick(comp, shape, *stacks):
+    """The component ``comp`` (shape ``shape``) of each (…, C, a, b) stack, broadcast: shape + (a, b)."""
+    idx = comp[..., None, None, None]
+    return tuple(jnp.take_along_axis(jnp.broadcast_to(x, shape + x.shape[-3:]), idx, -3)[..., 0, :, :] for x in stacks)
+
+
+def _matrix_normal_mixture_log_prob(diff, scale_trils, log_weights):
+    """log Σ_k π_k N(diff_k; 0, Σ_k ⊗ I_{n_L}) with diff (…, C or 1, N, n_L), Σ_k = L_k L_kᵀ (…, C, N, N)."""
+    batch = lax.broadcast_shapes(diff.shape[:-3], scale_trils.shape[:-3])
+    C, (N, nL) = scale_trils.shape[-3], diff.shape[-2:]
+    L = jnp.broadcast_to(scale_trils, batch + scale_trils.shape[-3:])
+    w = solve_triangular(L, jnp.broadcast_to(diff, batch + (C, N, nL)), lower=True)
+    half_logdet = jnp.sum(jnp.log(jnp.diagonal(L, axis1=-2, axis2=-1)), -1)
+    comp = -0.5 * jnp.sum(w * w, axis=(-2, -1)) - nL * half_logdet - 0.5 * N * nL * jnp.log(2 * jnp.pi)
+    return jax.nn.logsumexp(comp + log_weights, axis=-1)
+
+
 class KernelMixture(Distribution):
     """f ~ Σ_k π_k N(loc, G_k ⊗ I_{n_L}): a finite mixture of matrix normals sharing the mean.
 
@@ -369,26 +386,14 @@ class KernelMixture(Distribution):
         k1, k2 = jax.random.split(key)
         shape = sample_shape + self.batch_shape
         comp = jax.random.categorical(k1, self.logits, shape=shape)
-        L = jnp.take_along_axis(
-            jnp.broadcast_to(self.scale_trils, shape + self.scale_trils.shape[-3:]),
-            comp[..., None, None, None],
-            axis=-3,
-        )[..., 0, :, :]
+        (L,) = _pick(comp, shape, self.scale_trils)
         eps = jax.random.normal(k2, shape + self.event_shape, dtype=self.loc.dtype)
         return self.loc + jnp.matmul(L, eps)
 
     @validate_sample
     def log_prob(self, value):
-        diff = value - self.loc  # batch' + (N, n_L)
-        batch = diff.shape[:-2]
-        L = jnp.broadcast_to(self.scale_trils, batch + self.scale_trils.shape[-3:])
-        w = solve_triangular(
-            L, jnp.broadcast_to(diff[..., None, :, :], batch + (L.shape[-3],) + diff.shape[-2:]), lower=True
-        )
-        N, nL = self.event_shape
-        half_logdet = jnp.sum(jnp.log(jnp.diagonal(L, axis1=-2, axis2=-1)), -1)
-        comp = -0.5 * jnp.sum(w * w, axis=(-2, -1)) - nL * half_logdet - 0.5 * N * nL * jnp.log(2 * jnp.pi)
-        return jax.nn.logsumexp(comp + self.log_weights, axis=-1)
+        diff = (value - self.loc)[..., None, :, :]  # batch' + (1, N, n_L): one mean for every component
+        return _matrix_normal_mixture_log_prob(diff, self.scale_trils, self.log_weights)
 
     # -- moments ----------------------------------------------------------------------------
     @property
@@ -727,21 +732,15 @@ class MatrixNormalMixture(Distribution):
     def sample(self, key, sample_shape=()):
         k1, k2 = jax.random.split(key)
         shape = sample_shape + self.batch_shape
-        comp = jax.random.categorical(k1, self.logits, shape=shape)[..., None, None, None]
-        L = jnp.take_along_axis(jnp.broadcast_to(self.scale_trils, shape + self.scale_trils.shape[-3:]), comp, -3)
-        m = jnp.take_along_axis(jnp.broadcast_to(self.locs, shape + self.locs.shape[-3:]), comp, -3)
+        comp = jax.random.categorical(k1, self.logits, shape=shape)
+        L, m = _pick(comp, shape, self.scale_trils, self.locs)
         eps = jax.random.normal(k2, shape + self.event_shape, dtype=self.locs.dtype)
-        return m[..., 0, :, :] + jnp.matmul(L[..., 0, :, :], eps)
+        return m + jnp.matmul(L, eps)
 
     @validate_sample
     def log_prob(self, value):
         diff = value[..., None, :, :] - self.locs  # batch' + (C, N, n_L)
-        L = jnp.broadcast_to(self.scale_trils, diff.shape[:-1] + diff.shape[-2:-1])
-        w = solve_triangular(L, diff, lower=True)
-        N, nL = self.event_shape
-        half_logdet = jnp.sum(jnp.log(jnp.diagonal(L, axis1=-2, axis2=-1)), -1)
-        comp = -0.5 * jnp.sum(w * w, axis=(-2, -1)) - nL * half_logdet - 0.5 * N * nL * jnp.log(2 * jnp.pi)
-        return jax.nn.logsumexp(comp + self.log_weights, axis=-1)
+        return _matrix_normal_mixture_log_prob(diff, self.scale_trils, self.log_weights)
 
     # -- moments ----------------------------------------------------------------------------
     @lazy_property
