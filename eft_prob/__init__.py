@@ -17,6 +17,7 @@ Conventions (stated once here and in the README; THEORY.md §0.3, §1):
 from . import activations, criticality, distributions, ensemble, gauss, mc_kernels, models, nn, theory
 from ._config import (
     ApproximationWarning,
+    CostWarning,
     PrecisionWarning,
     RegimeWarning,
     RegularizationWarning,
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Activation",
     "ApproximationWarning",
+    "CostWarning",
     "ExactNetworkPrior",
     "MLPSpec",
     "PrecisionWarning",

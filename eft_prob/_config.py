@@ -52,6 +52,10 @@ class ApproximationWarning(UserWarning):
     """A result is a cheaper approximation than asked for (moment matching) or carries a large Monte Carlo error."""
 
 
+class CostWarning(UserWarning):
+    """A computation whose time and memory grow steeply with its size was asked for at a large size."""
+
+
 def enable_x64(use_x64: bool = True) -> None:
     """Switch JAX's global float64 mode (the same as ``numpyro.enable_x64``).
 

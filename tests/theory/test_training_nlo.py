@@ -10,6 +10,8 @@ Independent checks of ``nlo_trained_coefficients``:
 * real GD-trained ensembles at three widths (slow; benchmarks/validate_trained_nlo.py is the large run).
 """
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -177,6 +179,29 @@ def test_errors():
         nlo_trained_coefficients(_spec(1), XA, y, XB, 0.1, steps=-1)
     with pytest.raises(ValueError, match="hidden layer"):
         nlo_trained_coefficients(ep.MLPSpec(2, (), 1, "tanh"), XA, y, XB, 0.1)
+
+
+def test_test_batches_give_the_blocks_of_the_joint_moments():
+    # The recursions are closed on index subsets, so splitting X_test into batches (what the cost
+    # warning advises for many test inputs) gives exactly the joint result's diagonal blocks.
+    spec = _spec(1)
+    y = YA[:, :1]
+    Xt = np.array([[0.6, 0.5], [-1.2, -0.3], [0.1, 1.1], [0.9, -0.7]])
+    joint = nlo_trained_coefficients(spec, XA, y, Xt, 0.3)
+    for s in (slice(0, 2), slice(2, 4)):
+        part = nlo_trained_coefficients(spec, XA, y, Xt[s], 0.3)
+        np.testing.assert_allclose(np.asarray(part.mean1), np.asarray(joint.mean1)[s], rtol=1e-9, atol=1e-13)
+        np.testing.assert_allclose(np.asarray(part.cov1), np.asarray(joint.cov1)[s, s], rtol=1e-9, atol=1e-13)
+
+
+def test_many_inputs_warn_about_the_dense_cost():
+    from eft_prob.theory.training import _DENSE_TRAINED_MAX, _warn_cost
+
+    with pytest.warns(ep.CostWarning, match=r"10 \+ 23 = 33 inputs"):
+        _warn_cost(10, _DENSE_TRAINED_MAX + 1 - 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_cost(10, _DENSE_TRAINED_MAX - 10)
 
 
 # --------------------------------------------------------------------------------------------
