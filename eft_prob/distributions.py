@@ -28,6 +28,7 @@ from numpyro.distributions import Distribution, constraints
 from numpyro.distributions.util import lazy_property, validate_sample
 
 from ._config import ApproximationWarning, RegimeWarning, is_concrete, precision_scope
+from ._moments import SharedInputCovariance, flat_covariance
 from ._validate import check_inputs, check_order, check_positive
 from .spec import MLPSpec
 from .theory.bayes import gp_moments
@@ -52,7 +53,7 @@ __all__ = [
 _matrix = constraints.independent(constraints.real, 2)
 
 
-class KernelGaussian(Distribution):
+class KernelGaussian(SharedInputCovariance, Distribution):
     """Matrix-normal outputs f ~ N(loc, Σ ⊗ I_{n_L}), Σ = scale_tril scale_trilᵀ.
 
     :param loc: mean, shape batch + (N, n_L).
@@ -120,20 +121,6 @@ class KernelGaussian(Distribution):
     def input_covariance(self):
         """Σ (…, N, N): the covariance across inputs shared by every output neuron."""
         return jnp.matmul(self.scale_tril, jnp.swapaxes(self.scale_tril, -1, -2))
-
-    @property
-    def variance(self):
-        d = jnp.diagonal(self.input_covariance, axis1=-2, axis2=-1)[..., None]
-        return jnp.broadcast_to(d, self.batch_shape + self.event_shape)
-
-    @lazy_property
-    def covariance_matrix(self):
-        """Covariance of the flattened event (…, N·n_L, N·n_L), index α·n_L + i."""
-        N, nL = self.event_shape
-        S = self.input_covariance
-        eye = jnp.eye(nL, dtype=S.dtype)
-        full = S[..., :, None, :, None] * eye[:, None, :]
-        return full.reshape(self.batch_shape + (N * nL, N * nL))
 
     @staticmethod
     def infer_shapes(loc, scale_tril):
@@ -314,12 +301,6 @@ class TrainedNetwork(KernelGaussian):
 # Finite width: mixtures over the random kernel.
 
 
-def _pick(comp, shape, *stacks):
-    """The component ``comp`` (shape ``shape``) of each (…, C, a, b) stack, broadcast: shape + (a, b)."""
-    idx = comp[..., None, None, None]
-    return tuple(jnp.take_along_axis(jnp.broadcast_to(x, shape + x.shape[-3:]), idx, -3)[..., 0, :, :] for x in stacks)
-
-
 def _matrix_normal_mixture_log_prob(diff, scale_trils, log_weights):
     """log Σ_k π_k N(diff_k; 0, Σ_k ⊗ I_{n_L}) with diff (…, C or 1, N, n_L), Σ_k = L_k L_kᵀ (…, C, N, N)."""
     batch = lax.broadcast_shapes(diff.shape[:-3], scale_trils.shape[:-3])
@@ -331,7 +312,41 @@ def _matrix_normal_mixture_log_prob(diff, scale_trils, log_weights):
     return jax.nn.logsumexp(comp + log_weights, axis=-1)
 
 
-class KernelMixture(Distribution):
+class _MatrixNormalMixtureBase(Distribution):
+    """Shared machinery of the two mixtures of matrix normals below: C components with Cholesky
+    factors ``scale_trils`` (…, C, N, N) and ``logits`` (…, C), event (N, n_L)."""
+
+    def _init_mixture(self, name, means, mean_ndim, scale_trils, logits, validate_args):
+        """Broadcast ``means`` (batch + mean_ndim dims, the last two (N, n_L)), scale_trils and
+        logits to one batch shape, store them (the means as ``name``) and initialize the Distribution."""
+        batch_shape = lax.broadcast_shapes(means.shape[:-mean_ndim], scale_trils.shape[:-3], logits.shape[:-1])
+        setattr(self, name, jnp.broadcast_to(means, batch_shape + means.shape[-mean_ndim:]))
+        self.scale_trils = jnp.broadcast_to(scale_trils, batch_shape + scale_trils.shape[-3:])
+        self.logits = jnp.broadcast_to(logits, batch_shape + logits.shape[-1:])
+        super().__init__(batch_shape=batch_shape, event_shape=means.shape[-2:], validate_args=validate_args)
+
+    @property
+    def log_weights(self):
+        return jax.nn.log_softmax(self.logits, axis=-1)
+
+    @property
+    def n_components(self) -> int:
+        return self.logits.shape[-1]
+
+    def _draw(self, key, sample_shape, dtype, *stacks):
+        """Standard normal noise of the event's shape (``dtype``) and, for a component drawn per sample,
+        each (…, C, a, b) stack's entry (shape sample_shape + batch_shape + (a, b))."""
+        k1, k2 = jax.random.split(key)
+        shape = sample_shape + self.batch_shape
+        comp = jax.random.categorical(k1, self.logits, shape=shape)
+        idx = comp[..., None, None, None]
+        picked = tuple(
+            jnp.take_along_axis(jnp.broadcast_to(x, shape + x.shape[-3:]), idx, -3)[..., 0, :, :] for x in stacks
+        )
+        return jax.random.normal(k2, shape + self.event_shape, dtype=dtype), picked
+
+
+class KernelMixture(SharedInputCovariance, _MatrixNormalMixtureBase):
     """f ~ Σ_k π_k N(loc, G_k ⊗ I_{n_L}): a finite mixture of matrix normals sharing the mean.
 
     At any width a network's output is exactly Gaussian *given* the random kernel Ĝ of its last
@@ -367,27 +382,10 @@ class KernelMixture(Distribution):
                 f"scale_trils must be (..., C, {N}, {N}) and logits (..., C) with the same C; got "
                 f"{scale_trils.shape} and {logits.shape}."
             )
-        batch_shape = lax.broadcast_shapes(loc.shape[:-2], scale_trils.shape[:-3], logits.shape[:-1])
-        event_shape = loc.shape[-2:]
-        self.loc = jnp.broadcast_to(loc, batch_shape + event_shape)
-        self.scale_trils = jnp.broadcast_to(scale_trils, batch_shape + scale_trils.shape[-3:])
-        self.logits = jnp.broadcast_to(logits, batch_shape + logits.shape[-1:])
-        super().__init__(batch_shape=batch_shape, event_shape=event_shape, validate_args=validate_args)
-
-    @property
-    def log_weights(self):
-        return jax.nn.log_softmax(self.logits, axis=-1)
-
-    @property
-    def n_components(self) -> int:
-        return self.logits.shape[-1]
+        self._init_mixture("loc", loc, 2, scale_trils, logits, validate_args)
 
     def sample(self, key, sample_shape=()):
-        k1, k2 = jax.random.split(key)
-        shape = sample_shape + self.batch_shape
-        comp = jax.random.categorical(k1, self.logits, shape=shape)
-        (L,) = _pick(comp, shape, self.scale_trils)
-        eps = jax.random.normal(k2, shape + self.event_shape, dtype=self.loc.dtype)
+        eps, (L,) = self._draw(key, sample_shape, self.loc.dtype, self.scale_trils)
         return self.loc + jnp.matmul(L, eps)
 
     @validate_sample
@@ -417,19 +415,6 @@ class KernelMixture(Distribution):
         p = jnp.exp(self.log_weights)
         dG = self.component_kernels - self.input_covariance[..., None, :, :]
         return jnp.einsum("...k,...kab,...kcd->...abcd", p, dG, dG)
-
-    @property
-    def variance(self):
-        d = jnp.diagonal(self.input_covariance, axis1=-2, axis2=-1)[..., None]
-        return jnp.broadcast_to(d, self.batch_shape + self.event_shape)
-
-    @lazy_property
-    def covariance_matrix(self):
-        """Covariance of the flattened event (…, N·n_L, N·n_L), index α·n_L + i."""
-        N, nL = self.event_shape
-        S = self.input_covariance
-        eye = jnp.eye(nL, dtype=S.dtype)
-        return (S[..., :, None, :, None] * eye[:, None, :]).reshape(self.batch_shape + (N * nL, N * nL))
 
     def fourth_cumulant(self):
         """κ4 of the flattened event (…, M, M, M, M), M = N·n_L, index α·n_L + i:
@@ -677,7 +662,7 @@ def _check_kernel(Kbar, n):
 # Bayesian posterior at finite width.
 
 
-class MatrixNormalMixture(Distribution):
+class MatrixNormalMixture(_MatrixNormalMixtureBase):
     """f ~ Σ_k π_k N(loc_k, Σ_k ⊗ I_{n_L}): a finite mixture of matrix normals with their own means.
 
     The law of f given data when the prior is a :class:`KernelMixture`: conditioning each Gaussian
@@ -714,27 +699,10 @@ class MatrixNormalMixture(Distribution):
                 f"scale_trils must be (..., {C}, {N}, {N}) and logits (..., {C}) for locs of shape {locs.shape}; "
                 f"got {scale_trils.shape} and {logits.shape}."
             )
-        batch_shape = lax.broadcast_shapes(locs.shape[:-3], scale_trils.shape[:-3], logits.shape[:-1])
-        event_shape = locs.shape[-2:]
-        self.locs = jnp.broadcast_to(locs, batch_shape + locs.shape[-3:])
-        self.scale_trils = jnp.broadcast_to(scale_trils, batch_shape + scale_trils.shape[-3:])
-        self.logits = jnp.broadcast_to(logits, batch_shape + logits.shape[-1:])
-        super().__init__(batch_shape=batch_shape, event_shape=event_shape, validate_args=validate_args)
-
-    @property
-    def log_weights(self):
-        return jax.nn.log_softmax(self.logits, axis=-1)
-
-    @property
-    def n_components(self) -> int:
-        return self.logits.shape[-1]
+        self._init_mixture("locs", locs, 3, scale_trils, logits, validate_args)
 
     def sample(self, key, sample_shape=()):
-        k1, k2 = jax.random.split(key)
-        shape = sample_shape + self.batch_shape
-        comp = jax.random.categorical(k1, self.logits, shape=shape)
-        L, m = _pick(comp, shape, self.scale_trils, self.locs)
-        eps = jax.random.normal(k2, shape + self.event_shape, dtype=self.locs.dtype)
+        eps, (L, m) = self._draw(key, sample_shape, self.locs.dtype, self.scale_trils, self.locs)
         return m + jnp.matmul(L, eps)
 
     @validate_sample
@@ -759,11 +727,10 @@ class MatrixNormalMixture(Distribution):
         N, nL = self.event_shape
         p = jnp.exp(self.log_weights)
         S = jnp.einsum("...k,...kab->...ab", p, self.component_covariances)
-        eye = jnp.eye(nL, dtype=S.dtype)
-        within = S[..., :, None, :, None] * eye[:, None, :]
+        within = flat_covariance(S, nL)
         m = (self.locs - self.mean[..., None, :, :]).reshape(self.locs.shape[:-2] + (N * nL,))
         between = jnp.einsum("...k,...ka,...kb->...ab", p, m, m)
-        return within.reshape(self.batch_shape + (N * nL, N * nL)) + between
+        return within + between
 
     @property
     def variance(self):
@@ -784,8 +751,7 @@ class MatrixNormalMixture(Distribution):
                 "for small events."
             )
         p = jnp.exp(self.log_weights)
-        eye = jnp.eye(nL, dtype=p.dtype)
-        S = (self.component_covariances[:, :, None, :, None] * eye[:, None, :]).reshape(-1, M, M)
+        S = flat_covariance(self.component_covariances, nL)
         m = (self.locs - self.mean[None]).reshape(-1, M)
         C = self.covariance_matrix
 

@@ -59,6 +59,7 @@ from numpyro.distributions.util import lazy_property, validate_sample
 from scipy.special import gammaln, polygamma
 
 from ._config import is_concrete, precision_scope
+from ._moments import SharedInputCovariance
 from ._validate import check_inputs, check_positive
 from .spec import MLPSpec
 from .theory.kernels import _first_layer
@@ -395,7 +396,7 @@ def _log_density(value, kernel, log_scale, noise_var, log_grid, log_weights, *, 
 # --------------------------------------------------------------------------------------------
 
 
-class ExactNetworkPrior(Distribution):
+class ExactNetworkPrior(SharedInputCovariance, Distribution):
     """p(f(X)) at initialization, exactly at finite width (THEORY.md §4.4; §2 for linear nets).
 
     Supported: scale-invariant σ (``relu``, ``leaky_relu``, ``linear``, any slopes), C_b = 0 in
@@ -540,19 +541,6 @@ class ExactNetworkPrior(Distribution):
         """E[s] G^(1) + σ² I (…, N, N): the covariance across inputs shared by every output neuron."""
         N = self.event_shape[0]
         return self.scale_moment(1)[..., None, None] * self.kernel + self.noise_var[..., None, None] * jnp.eye(N)
-
-    @property
-    def variance(self):
-        d = jnp.diagonal(self.input_covariance, axis1=-2, axis2=-1)[..., None]
-        return jnp.broadcast_to(d, self.batch_shape + self.event_shape)
-
-    @lazy_property
-    def covariance_matrix(self):
-        """Covariance of the flattened event (…, N·n_L, N·n_L), index α·n_L + i."""
-        N, nL = self.event_shape
-        S = self.input_covariance
-        eye = jnp.eye(nL, dtype=S.dtype)
-        return (S[..., :, None, :, None] * eye[:, None, :]).reshape(self.batch_shape + (N * nL, N * nL))
 
     def moment(self, k: int):
         """E[f_{αi}^k] for every coordinate, batch + (N, n_L), in closed form: zero for odd k, and
