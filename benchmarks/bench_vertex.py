@@ -13,9 +13,13 @@ Two tables, each measured in this run:
    warm) and ``nlo_posterior_marginals`` for N_A = 100 training + N_B = 900 test inputs (means and
    marginal variances at O(1/n), with their Monte Carlo standard errors relative to the 1/n terms).
 
+3. With ``--joint``, the joint O(1/n) posterior covariance over all N_B test inputs
+   (``nlo_posterior_moments``, O(S·N_A·N_B²) per layer), cold and warm, its diagonal against the
+   marginals of table 2 (the same draws) and its Monte Carlo error.
+
 The process's peak resident memory is printed after each row (it only grows).
 
-Usage: ``PYTHONPATH=. python benchmarks/bench_vertex.py [--quick] [--activations relu tanh]``
+Usage: ``PYTHONPATH=. python benchmarks/bench_vertex.py [--quick] [--activations relu tanh] [--joint]``
 (``--quick``: N = 12 and N = 200).
 """
 
@@ -33,7 +37,7 @@ import numpy as np
 jax.config.update("jax_enable_x64", True)
 
 import eft_prob as ep  # noqa: E402
-from eft_prob.theory import four_point_vertex, nlo_posterior_marginals, prior_statistics  # noqa: E402
+from eft_prob.theory import four_point_vertex, nlo_posterior_marginals, nlo_posterior_moments, prior_statistics  # noqa: E402
 from eft_prob.theory.bayes import nlo_moments  # noqa: E402
 
 
@@ -89,9 +93,27 @@ def many_inputs(act: str, nA: int, nB: int, depth: int, rng) -> None:
         f"| {act} | {nA + nB} ({nA} + {nB}) | {depth} | {t_cold:.1f} s | {t_warm:.1f} s | {p_cold:.1f} s | "
         f"{p_warm:.1f} s | {em:.0%} / {ev:.0%} | {st.V.rank} | {peak_gib():.2f} |"
     )
+    return spec, X, y, XT, r
 
 
-def main(quick: bool, activations, many_only: bool = False) -> None:
+def joint(act: str, case) -> None:
+    """The joint O(1/n) posterior covariance over all N_B test inputs (``nlo_posterior_moments``), its
+    diagonal against the marginals of the same draws, and its Monte Carlo error."""
+    spec, X, y, XT, marg = case
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ep.ApproximationWarning)
+        _, t_cold = timed(nlo_posterior_moments, spec, X, y, XT, 0.01)
+        r, t_warm = timed(nlo_posterior_moments, spec, X, y, XT, 0.01)
+    diag = np.abs(np.diagonal(np.asarray(r.covariance)) - np.asarray(marg.variance)[:, 0]).max()
+    c1 = np.asarray(r.covariance) - np.asarray(r.gp_covariance)
+    ec = float(np.abs(np.asarray(r.covariance_se)).max() / np.abs(c1).max())
+    print(
+        f"| {act} | {len(X) + len(XT)} ({len(X)} + {len(XT)}) | {t_cold:.1f} s | {t_warm:.1f} s | {diag:.1e} | "
+        f"{ec:.0%} | {peak_gib():.2f} |"
+    )
+
+
+def main(quick: bool, activations, many_only: bool = False, with_joint: bool = False) -> None:
     rng = np.random.default_rng(0)
     print(f"# jax {jax.__version__}, backend {jax.default_backend()}, load average {os.getloadavg()}\n")
     print("## Factored vs dense vertex (depth 4, width 64; posterior terms: 40% training inputs, σ² = 0.01)\n")
@@ -108,8 +130,16 @@ def main(quick: bool, activations, many_only: bool = False) -> None:
         "MC s.e. / 1/n term (mean / variance) | rank of V | peak RSS GiB |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for act in activations:
-        many_inputs(act, 20 if quick else 100, 180 if quick else 900, 10, rng)
+    cases = {act: many_inputs(act, 20 if quick else 100, 180 if quick else 900, 10, rng) for act in activations}
+    if with_joint:
+        print("\n## The joint O(1/n) posterior covariance over all test inputs (same inputs and draws)\n")
+        print(
+            "| activation | N (N_A + N_B) | nlo_posterior_moments cold | warm | max |diag − marginals| | "
+            "MC s.e. / 1/n cov. term | peak RSS GiB |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        for act, case in cases.items():
+            joint(act, case)
     print(f"\nload average at the end {os.getloadavg()}")
 
 
@@ -118,5 +148,6 @@ if __name__ == "__main__":
     p.add_argument("--quick", action="store_true", help="N = 12 and N = 200 instead of 20 and 1000")
     p.add_argument("--activations", nargs="+", default=["relu", "tanh"], choices=["relu", "tanh"])
     p.add_argument("--many-only", action="store_true", help="only the second table (e.g. on a GPU)")
+    p.add_argument("--joint", action="store_true", help="also the joint posterior covariance (a third table)")
     a = p.parse_args()
-    main(a.quick, a.activations, a.many_only)
+    main(a.quick, a.activations, a.many_only, a.joint)

