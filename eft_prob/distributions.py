@@ -28,7 +28,7 @@ from numpyro.distributions import Distribution, constraints
 from numpyro.distributions.util import lazy_property, validate_sample
 
 from ._config import ApproximationWarning, RegimeWarning, is_concrete, precision_scope
-from ._moments import SharedInputCovariance, flat_covariance
+from ._moments import SharedInputCovariance, flat_covariance, neuron_fourth_cumulant
 from ._validate import check_inputs, check_order, check_positive
 from .spec import MLPSpec
 from .theory.bayes import gp_moments
@@ -420,18 +420,7 @@ class KernelMixture(SharedInputCovariance, _MatrixNormalMixtureBase):
         """κ4 of the flattened event (…, M, M, M, M), M = N·n_L, index α·n_L + i:
         κ[(α1 i1)(α2 i2)(α3 i3)(α4 i4)] = δ_{i1i2}δ_{i3i4} C_{α1α2α3α4} + δ_{i1i3}δ_{i2i4} C_{α1α3α2α4}
         + δ_{i1i4}δ_{i2i3} C_{α1α4α2α3}, C = Cov(G) (:attr:`kernel_covariance`).  M⁴ numbers: small events only."""
-        N, nL = self.event_shape
-        if (N * nL) ** 4 > 2**27:
-            raise ValueError(
-                f"fourth_cumulant would have (N·n_L)^4 = {(N * nL) ** 4} entries; use kernel_covariance (N^4) instead."
-            )
-        C = self.kernel_covariance
-        d = jnp.eye(nL, dtype=C.dtype)
-        b = self.batch_shape
-        t1 = jnp.einsum("...abcd,ij,kl->...aibjckdl", C, d, d)
-        t2 = jnp.einsum("...acbd,ik,jl->...aibjckdl", C, d, d)
-        t3 = jnp.einsum("...adbc,il,jk->...aibjckdl", C, d, d)
-        return (t1 + t2 + t3).reshape(b + (N * nL,) * 4)
+        return neuron_fourth_cumulant(self.kernel_covariance, self.event_shape, self.batch_shape)
 
 
 def _pair_coordinates(N):

@@ -59,7 +59,7 @@ from numpyro.distributions.util import lazy_property, validate_sample
 from scipy.special import gammaln, polygamma
 
 from ._config import is_concrete, precision_scope
-from ._moments import SharedInputCovariance
+from ._moments import SharedInputCovariance, neuron_fourth_cumulant
 from ._validate import check_inputs, check_positive
 from .spec import MLPSpec
 from .theory.kernels import _first_layer
@@ -568,17 +568,7 @@ class ExactNetworkPrior(SharedInputCovariance, Distribution):
         """κ4 of the flattened event (…, M, M, M, M), M = N·n_L, index α·n_L + i:
         κ[(α1i1)(α2i2)(α3i3)(α4i4)] = δ_{i1i2}δ_{i3i4} C_{α1α2α3α4} + 2 permutations, C = ``kernel_covariance``.
         For one input and one output κ4 = E f⁴ - 3(E f²)² = 3 Var(s) G²."""
-        N, nL = self.event_shape
-        if (N * nL) ** 4 > 2**27:
-            raise ValueError(
-                f"fourth_cumulant would have (N·n_L)^4 = {(N * nL) ** 4} entries; use kernel_covariance (N^4) instead."
-            )
-        C = self.kernel_covariance
-        e = jnp.eye(nL, dtype=C.dtype)
-        t1 = jnp.einsum("...abcd,ij,kl->...aibjckdl", C, e, e)
-        t2 = jnp.einsum("...acbd,ik,jl->...aibjckdl", C, e, e)
-        t3 = jnp.einsum("...adbc,il,jk->...aibjckdl", C, e, e)
-        return (t1 + t2 + t3).reshape(self.batch_shape + (N * nL,) * 4)
+        return neuron_fourth_cumulant(self.kernel_covariance, self.event_shape, self.batch_shape)
 
     def excess_kurtosis(self):
         """E f⁴/(E f²)² - 3 of every coordinate, batch + (N, n_L): 3 Var(s) G_αα²/(E s G_αα + σ²)²."""
