@@ -397,7 +397,7 @@ def _warn_cost(n_train: int, n_test: int) -> None:
             "factored form for many inputs yet. Use fewer inputs (split X_test into small batches: the "
             "marginal moments of each batch are exact), or the infinite-width order=0.",
             CostWarning,
-            stacklevel=3,
+            stacklevel=4,  # past nlo_trained_coefficients and its float64_theory wrapper: the caller's line
         )
 
 
