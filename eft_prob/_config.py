@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import sys
 import warnings
 
 import jax
@@ -56,6 +58,38 @@ class CostWarning(UserWarning):
     """A computation whose time and memory grow steeply with its size was asked for at a large size."""
 
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+#: frameworks whose frames sit between a user's line and eft_prob (NumPyro's Distribution metaclass and
+#: effect handlers, JAX's jit/vmap tracing); a warning skips them as it skips eft_prob's own frames
+_PASS_THROUGH = ("jax", "jaxlib", "numpyro")
+
+
+def _outside_stacklevel() -> int:
+    """The ``stacklevel`` of the innermost frame outside eft_prob, counted from this function's caller.
+
+    Every call path (a direct call, a distribution built inside a NumPyro model, a theory function
+    reached through the runner) puts a different number of eft_prob frames between the user's line
+    and the line that warns, so a fixed stacklevel is right for one of them at most.  Frames of the
+    package (and of JAX and NumPyro, which call into it on the user's behalf) are skipped instead;
+    if no frame is left (``python -m eft_prob``), the outermost one is named.
+    """
+    skip = [_PACKAGE_DIR]
+    for name in _PASS_THROUGH:
+        mod = sys.modules.get(name)
+        if mod is not None and getattr(mod, "__file__", None):
+            skip.append(os.path.dirname(os.path.abspath(mod.__file__)) + os.sep)
+    skip = tuple(skip)
+    frame, level = sys._getframe(2), 2  # level 1 would be warn() itself, 2 its caller
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def warn(message: str, category: type[Warning]) -> None:
+    """:func:`warnings.warn` attributed to the user's line: the innermost caller outside eft_prob."""
+    warnings.warn(message, category, stacklevel=_outside_stacklevel())
+
+
 def enable_x64(use_x64: bool = True) -> None:
     """Switch JAX's global float64 mode (the same as ``numpyro.enable_x64``).
 
@@ -78,11 +112,10 @@ def precision_scope(*inputs):
     if x64_enabled():
         return contextlib.nullcontext()
     if _has_tracer(*inputs):
-        warnings.warn(
+        warn(
             "eft_prob theory is being traced with jax_enable_x64 disabled, so it runs in float32. "
             "Call eft_prob.enable_x64() (or numpyro.enable_x64()) at the start of your program.",
             PrecisionWarning,
-            stacklevel=3,
         )
         return contextlib.nullcontext()
     return jax.enable_x64(True)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import warnings
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._config import RegularizationWarning, is_concrete
+from ._config import RegularizationWarning, is_concrete, warn
 
 _ROUNDOFF = 100 * float(np.finfo(np.float64).eps)
 
@@ -100,11 +98,10 @@ def check_psd(K, what: str, rtol: float | None = None) -> jax.Array:
     K_fixed = (K_fixed + K_fixed.T) / 2
     if abs(low) <= (_ROUNDOFF * K.shape[-1] if rtol is None else rtol) * scale:
         return K_fixed  # rounding of a singular PSD kernel (e.g. N > rank): not a regularization
-    warnings.warn(
+    warn(
         f"{what} was not numerically positive semi-definite: eigenvalues down to {low:.3g} "
         f"(relative {abs(low) / max(scale, 1e-300):.2g} of the largest) were clipped to 0. "
         "This happens with duplicated or nearly collinear inputs and very deep networks.",
         RegularizationWarning,
-        stacklevel=3,
     )
     return K_fixed

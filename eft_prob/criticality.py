@@ -46,7 +46,7 @@ import numpy as np
 from scipy.optimize import brentq
 
 from . import gauss
-from ._config import RegimeWarning, float64_theory, is_concrete, precision_scope
+from ._config import RegimeWarning, float64_theory, is_concrete, precision_scope, warn
 from .activations import Activation, get_activation
 from .spec import MLPSpec
 from .theory.vertex import _compute as _vertex_compute
@@ -472,16 +472,20 @@ def regime(spec: MLPSpec, X=None) -> Regime:
     return Regime(r, eps, n_eff, REGIME_THRESHOLD, status, msg)
 
 
-def check_regime(spec: MLPSpec, X, what: str, stacklevel: int = 2) -> Regime | None:
+def check_regime(spec: MLPSpec, X, what: str, stacklevel: int | None = None) -> Regime | None:
     """:func:`regime`, with a :class:`~eft_prob.RegimeWarning` (``what``: the message) when strongly coupled.
 
-    ``what`` names the caller's object, e.g. "NetworkPrior(order=1)"; ``stacklevel`` as for
-    :func:`warnings.warn` (2: the caller of check_regime).  Returns the Regime, or None when spec
-    or X are traced (inside jit/NUTS nothing is checked).
+    ``what`` names the caller's object, e.g. "NetworkPrior(order=1)".  The warning is attributed to
+    the innermost caller outside eft_prob, or, with ``stacklevel``, as :func:`warnings.warn` would
+    (2: the caller of check_regime).  Returns the Regime, or None when spec or X are traced (inside
+    jit/NUTS nothing is checked).
     """
     if not is_concrete(spec, X):
         return None
     reg = regime(spec, X)
     if reg.status == "strongly-coupled":
-        warnings.warn(f"{what}: {reg.message}", RegimeWarning, stacklevel=stacklevel)
+        if stacklevel is None:
+            warn(f"{what}: {reg.message}", RegimeWarning)
+        else:
+            warnings.warn(f"{what}: {reg.message}", RegimeWarning, stacklevel=stacklevel)
     return reg

@@ -17,8 +17,6 @@ before the Cholesky factorization (default 1e-10), so ``log_prob`` stays finite.
 
 from __future__ import annotations
 
-import warnings
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,7 +25,7 @@ from jax.scipy.linalg import solve_triangular
 from numpyro.distributions import Distribution, constraints
 from numpyro.distributions.util import lazy_property, validate_sample
 
-from ._config import ApproximationWarning, RegimeWarning, is_concrete, precision_scope
+from ._config import ApproximationWarning, RegimeWarning, is_concrete, precision_scope, warn
 from ._moments import SharedInputCovariance, flat_covariance, neuron_fourth_cumulant
 from ._validate import check_inputs, check_order, check_positive
 from .spec import MLPSpec
@@ -587,7 +585,7 @@ class FiniteWidthPrior(KernelMixture):
             raise ValueError("order=1 needs at least one hidden layer (hidden=[...]); a depth-1 network is Gaussian.")
         if is_concrete(spec, X):
             _check_distinct(X)
-        self.regime = check_regime(spec, X, "NetworkPrior(order=1)", stacklevel=4)
+        self.regime = check_regime(spec, X, "NetworkPrior(order=1)")
         with precision_scope(spec, X, noise_var):
             X = jnp.asarray(X, jnp.result_type(float))
             st = prior_statistics(spec, X, samples=samples, key=key)
@@ -612,13 +610,12 @@ class FiniteWidthPrior(KernelMixture):
         if is_concrete(spec, X):
             _check_mixture_built(Kbar, info["residual"], "NetworkPrior(order=1)")
         if is_concrete(spec, X) and float(info["residual"]) > 1e-3:
-            warnings.warn(
+            warn(
                 "NetworkPrior(order=1): the O(1/n) kernel fluctuations V/n are so large against K that no "
                 "law of positive-definite kernels found here carries them exactly (relative covariance "
                 f"residual {float(info['residual']):.3g}). The 1/n expansion is not valid here: use wider "
                 "layers, fewer layers, or order='exact' where it exists.",
                 RegimeWarning,
-                stacklevel=3,
             )
         self.kernel, self.nlo_kernel = _ambient(st.K, st.K1 / n)
         self.vertex = None if Vn is None else _ambient(Vn)[0]
@@ -836,7 +833,7 @@ class FiniteWidthPosterior(MatrixNormalMixture):
                     f"X ∪ X_test (its mixture has ~N² components); got {N}. Use form='gaussian' (the O(1/n) mean "
                     "and covariance) or order=0."
                 )
-            self.regime = check_regime(spec, Du, "BayesianPosterior(order=1)", stacklevel=5)
+            self.regime = check_regime(spec, Du, "BayesianPosterior(order=1)")
             st = prior_statistics(spec, Du, samples=samples, key=key)
             parts = _posterior_mixture(
                 st.K + st.K1 / st.width, st.V, st.width, index, y, noise_var, include_noise, jitter
@@ -1077,14 +1074,13 @@ def _finite_width_posterior(spec, X, y, X_test, noise_var, *, form=None, **kwarg
             w = np.exp(np.asarray(d.logits, np.float64))
             frac = float(1.0 / np.sum(w * w) / w.size)
             if frac < 0.5:
-                warnings.warn(
+                warn(
                     f"BayesianPosterior(order=1, form='mixture'): the data reweight the prior's {w.size} kernel "
                     f"points strongly (effective number {frac:.0%} of them): the likelihood is informative about "
                     "the kernel beyond what the discrete O(1/n) prior law resolves, and the mixture's posterior "
                     "moments can be off at O(1/n) (e.g. small noise_var, many points, small width). Use the "
                     "default form (the §5.2 O(1/n) moments).",
                     ApproximationWarning,
-                    stacklevel=3,
                 )
         return d
     return MomentMatchedPosterior(spec, X, y, X_test, noise_var, **kwargs)

@@ -25,7 +25,6 @@ import json
 import os
 import sys
 import time
-import warnings
 import zipfile
 from typing import NamedTuple
 
@@ -36,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from . import nn
-from ._config import StabilityWarning, precision_scope
+from ._config import StabilityWarning, precision_scope, warn
 from ._io import atomic_write
 from ._validate import check_inputs, check_targets
 from .spec import MLPSpec
@@ -732,12 +731,11 @@ def train(
         )  # fmt: skip
     n_div = int(result.diverged.sum())
     if n_div:
-        warnings.warn(
+        warn(
             f"{n_div} of {len(networks)} networks diverged (their training loss became NaN or infinite, first after "
             f"GD step {int(result.steps_done[result.diverged].min()) + 1}); they were stopped at their last finite "
             "state and are flagged in TrainResult.diverged. Lower learning_rate to keep them.",
             StabilityWarning,
-            stacklevel=2,
         )
     return result
 
@@ -746,12 +744,11 @@ def _warn_if_unstable(spec: MLPSpec, X, eta: float) -> None:
     with precision_scope(X):  # float64 theory, also for a float32 run with x64 off
         bound = float(stability_bound(ntk(spec, X, regularize=False)))
     if eta >= bound:
-        warnings.warn(
+        warn(
             f"learning_rate={eta:.4g} is at or above the infinite-width GD stability bound "
             f"2/λ_max(Θ̃) = {bound:.4g} of these training inputs: expect most networks to diverge. "
             f"Use a learning rate below {bound:.4g}.",
             StabilityWarning,
-            stacklevel=3,
         )
 
 

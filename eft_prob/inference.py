@@ -25,7 +25,6 @@ Top-level attrs record the sampler settings, ``chain_method`` actually used, the
 from __future__ import annotations
 
 import time
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +36,7 @@ import xarray as xr
 from numpyro.infer import MCMC, NUTS, init_to_sample
 
 from . import _arviz
+from ._config import warn
 from ._validate import check_inputs, check_positive, check_targets
 from .models import bayesian_mlp
 from .spec import MLPSpec
@@ -355,13 +355,12 @@ def _run_nuts(
 def _warn_divergences(diverging: np.ndarray, max_fraction: float, target_accept: float) -> None:
     n_div, total = int(diverging.sum()), int(diverging.size)
     if total and n_div / total > max_fraction:
-        warnings.warn(
+        warn(
             f"{n_div} of {total} post-warmup NUTS transitions diverged ({n_div / total:.1%} > "
             f"max_divergence_fraction={max_fraction:g}): the posterior estimates may be biased. Raise "
             f"target_accept (now {target_accept:g}, e.g. to 0.95-0.99), or reparameterize: keep the "
             "prior scaled by fan-in (C_W of order 1), put a tighter prior on noise_var, or standardize X and y.",
             NUTSDivergenceWarning,
-            stacklevel=4,
         )
 
 

@@ -162,3 +162,72 @@ def test_cli_errors_reach_the_user_without_a_traceback_or_output(tmp_path, text,
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and word in r.stderr and str(spec) in r.stderr
     assert not out.exists()
+
+
+class _Stop(Exception):
+    """Raised after a warning, to skip an expensive computation that follows it."""
+
+
+def _in_a_numpyro_model():
+    import numpyro
+    from numpyro import handlers
+
+    def model():
+        numpyro.sample("f", D.NetworkPrior(ep.MLPSpec.at_criticality(2, (8, 8, 8), 1, "relu"), X, order=1))
+
+    handlers.seed(model, 0)()
+
+
+def _trained_many_inputs(monkeypatch):
+    from eft_prob.theory import training
+
+    def stop(*args, **kwargs):
+        raise _Stop
+
+    monkeypatch.setattr(training, "_trained_statistics", stop)
+    XA = np.random.default_rng(0).normal(size=(33, 2))
+    D.TrainedNetwork(S, XA[:10], np.zeros((10, 1)), XA[10:], order=1)
+
+
+def _traced_in_float32():
+    with jax.enable_x64(False):
+        jax.jit(lambda x: ep.theory.nngp(S, x))(X)
+
+
+def _sharp_mixture():
+    spec = ep.MLPSpec(1, (16, 16), 1, "tanh", C_b=0.1, C_W=1.0)
+    X1 = np.linspace(-1.5, 1.5, 5)[:, None]
+    y1 = np.sin(1.5 * X1) + 0.3 + 0.1 * np.random.default_rng(0).normal(size=X1.shape)
+    D.BayesianPosterior(spec, X1, y1, np.array([[0.4]]), 0.01, order=1, form="mixture")
+
+
+NARROW = ep.MLPSpec.at_criticality(2, (4, 4), 1, "tanh")  # ε ≈ 0.3: outside the 1/n regime
+WARNING_PATHS = {
+    "theory function (StabilityWarning)": lambda mp: ep.theory.gd_prediction(S, X, Y, XT, 10.0, 5),
+    "distribution (StabilityWarning)": lambda mp: D.TrainedNetwork(S, X, Y, XT, learning_rate=10.0, steps=5),
+    "NetworkPrior(order=1) (RegimeWarning)": lambda mp: D.NetworkPrior(NARROW, X, order=1),
+    "BayesianPosterior(order=1) (RegimeWarning)": lambda mp: D.BayesianPosterior(NARROW, X, Y, XT, 0.1, order=1),
+    "nlo_posterior_moments (RegimeWarning)": lambda mp: ep.theory.nlo_posterior_moments(NARROW, X, Y, XT, 0.1),
+    "inside a NumPyro model (RegimeWarning)": lambda mp: _in_a_numpyro_model(),
+    "ensemble.train (StabilityWarning)": lambda mp: ep.ensemble.train(S, X, Y, XT, 4, 50.0, 3, K0),
+    "TrainedNetwork(order=1), 33 inputs (CostWarning)": _trained_many_inputs,
+    "traced with x64 off (PrecisionWarning)": lambda mp: _traced_in_float32(),
+    "the mixture form (ApproximationWarning)": lambda mp: _sharp_mixture(),
+}
+
+
+@pytest.mark.parametrize("path", list(WARNING_PATHS))
+def test_warnings_name_the_callers_line(path, monkeypatch):
+    """Every eft_prob warning is attributed to the first frame outside the package, however deep the
+    library's own call chain (direct calls, distributions, NumPyro handlers, jit) — not to eft_prob."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        try:
+            WARNING_PATHS[path](monkeypatch)
+        except _Stop:
+            pass
+    ours = [w for w in rec if w.category.__module__.startswith("eft_prob")]
+    assert ours, [str(w.message) for w in rec]
+    assert {w.filename for w in ours} == {__file__}, [(w.category.__name__, w.filename, w.lineno) for w in ours]

@@ -37,7 +37,6 @@ O(L·S·N_A·N_B²) product for the test covariance — nothing of size N⁴ is 
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import NamedTuple
 
 import jax
@@ -46,7 +45,7 @@ import numpy as np
 from jax import lax
 from jax.scipy.linalg import cho_solve, solve_triangular
 
-from .._config import float64_theory, is_concrete
+from .._config import float64_theory, is_concrete, warn
 from .training import GaussianPrediction
 
 __all__ = [
@@ -571,7 +570,7 @@ def _warn_regime(spec, D, st, what):
     Kd = np.asarray(jnp.diagonal(st.K))
     ratio = np.where(Kd > 0, np.asarray(Vd) / np.where(Kd > 0, Kd, 1.0) ** 2, 0.0)
     worst = int(np.argmax(ratio))
-    return check_regime(spec, np.asarray(D)[worst : worst + 1], what, stacklevel=5)
+    return check_regime(spec, np.asarray(D)[worst : worst + 1], what)
 
 
 #: relative Monte Carlo error of a factored-vertex V term above which the spec-level functions warn
@@ -586,14 +585,13 @@ def _warn_mc(V, pairs, what):
         return
     rel = max(float(jnp.max(jnp.abs(se))) / max(float(jnp.max(jnp.abs(t))), 1e-300) for se, t in pairs)
     if rel > MC_WARN:
-        warnings.warn(
+        warn(
             f"{what}: the Monte Carlo error of the factored vertex ({V.phi.shape[1]} draws per propagated source, "
             f"{V.last.shape[0]} for the last; used above 24 inputs) is {rel:.0%} of the O(1/n) correction it "
             "estimates (contractions against the inverse training kernel cancel strongly). Raise samples= (the "
             "error falls like 1/√samples), or use at most 24 inputs for the exact vertex; the standard errors are "
             "in the returned mean_se/covariance_se.",
             ApproximationWarning,
-            stacklevel=4,
         )
 
 

@@ -11,14 +11,13 @@ P_t = Θ_BA Φ_t (eq. 8.2 of the sheet; book §10.2).  t → ∞ gives Φ = Θ̃
 
 from __future__ import annotations
 
-import warnings
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._config import CostWarning, StabilityWarning, float64_theory, is_concrete
+from .._config import CostWarning, StabilityWarning, float64_theory, is_concrete, warn
 from .._validate import check_inputs
 
 __all__ = [
@@ -78,12 +77,11 @@ def gd_moments(K_AA, K_AB, K_BB, T_AA, T_BA, y, learning_rate=None, steps=None) 
     if learning_rate is not None and is_concrete(lam, learning_rate):
         bound = 2.0 / float(lam[-1])
         if float(learning_rate) >= bound:
-            warnings.warn(
+            warn(
                 f"learning_rate={float(learning_rate):.4g} is at or above the GD stability bound "
                 f"2/λ_max(Θ̃) = {bound:.4g}: real gradient descent diverges. Use a learning rate below "
                 f"{bound:.4g}.",
                 StabilityWarning,
-                stacklevel=3,
             )
     phi = _phi(lam, learning_rate, steps)
     P = (T_BA @ U) * phi @ U.T  # (N_B, N_A)
@@ -390,14 +388,13 @@ _DENSE_TRAINED_MAX = 32  # inputs (training + test) above which nlo_trained_coef
 def _warn_cost(n_train: int, n_test: int) -> None:
     N = n_train + n_test
     if N > _DENSE_TRAINED_MAX:
-        warnings.warn(
+        warn(
             f"the O(1/n) trained moments for N_A + N_B = {n_train} + {n_test} = {N} inputs use dense tables of "
             "the NTK, dNTK and ddNTK statistics over four inputs at a time, whose time and memory grow like N⁴ "
             "(measured at depth 3 on 2 CPU cores: 6.5 s for 8 + 8 inputs, 2 min for 16 + 16); there is no "
             "factored form for many inputs yet. Use fewer inputs (split X_test into small batches: the "
             "marginal moments of each batch are exact), or the infinite-width order=0.",
             CostWarning,
-            stacklevel=4,  # past nlo_trained_coefficients and its float64_theory wrapper: the caller's line
         )
 
 
