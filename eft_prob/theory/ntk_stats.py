@@ -176,29 +176,37 @@ def _table_layout(N: int, P: int, restrict):
 
 
 @functools.cache
+def _patterns(m: int):
+    """Label patterns of 4-tuples with m distinct values: labels[k] = rank of entry k among them."""
+    return tuple(t for t in itertools.product(range(m), repeat=4) if set(t) == set(range(m)))
+
+
+@functools.cache
 def _gather_index(N: int, P: int, restrict, combo: tuple[int, ...]):
-    """Flat indices into the concatenated tables (one trailing zero) of ⟨σ^(p0)_a σ^(p1)_b σ^(p2)_c σ^(p3)_d⟩."""
+    """Flat indices into the concatenated tables (one trailing zero) of ⟨σ^(p0)_a σ^(p1)_b σ^(p2)_c σ^(p3)_d⟩.
+
+    Built group by group of the layout: a 4-tuple with values u_0 < ... < u_{m-1} (a subset of the
+    layout) and rank pattern ``labels`` reads the subset's table at the multisets of derivative
+    orders that ``combo`` puts on each u_j.  Entries of subsets without a table, or whose table
+    stops below max(combo), point at the trailing zero.
+    """
     layout = _table_layout(N, P, restrict)
-    where, off = {}, 0
+    total = sum(len(sub) * len(_basis(q, 5 - m)) ** m for m, groups in layout.items() for q, sub in groups)
+    idx = np.full(N**4, total, dtype=np.int64)
+    place = N ** np.arange(3, -1, -1, dtype=np.int64)  # flat index of (a, b, c, d) in N⁴
+    off = 0
     for m, groups in layout.items():
         for q, subsets in groups:
-            F = len(_basis(q, 5 - m))
-            for r, u in enumerate(map(tuple, subsets)):
-                where[u] = (q, off + r * F**m)
+            basis = _basis(q, 5 - m)
+            F = len(basis)
+            if q >= max(combo):
+                lookup = {t: i for i, t in enumerate(basis)}
+                base = off + np.arange(len(subsets), dtype=np.int64) * F**m
+                for labels in _patterns(m):
+                    orders = [tuple(sorted(p for p, l in zip(combo, labels) if l == j)) for j in range(m)]
+                    pos = sum(lookup[o] * F ** (m - 1 - j) for j, o in enumerate(orders))
+                    idx[subsets[:, list(labels)].astype(np.int64) @ place] = base + pos
             off += len(subsets) * F**m
-    lookup = {(m, q): {t: i for i, t in enumerate(_basis(q, 5 - m))} for m in range(1, 5) for q in range(P + 1)}
-    idx = np.full(N**4, off, dtype=np.int64)  # default: the trailing zero (entry not computed)
-    for flat, tup in enumerate(itertools.product(range(N), repeat=4)):
-        u = tuple(sorted(set(tup)))
-        if u not in where or where[u][0] < max(combo):
-            continue
-        q, pos = where[u]
-        m = len(u)
-        F = len(lookup[m, q])
-        for j, v in enumerate(u):
-            orders = tuple(sorted(p for p, t in zip(combo, tup) if t == v))
-            pos += lookup[m, q][orders] * F ** (m - 1 - j)
-        idx[flat] = pos
     return idx
 
 

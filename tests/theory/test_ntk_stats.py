@@ -215,6 +215,52 @@ def test_restricted_tables_give_the_same_entries():
         np.testing.assert_allclose(_np(raw[k])[ok], _np(getattr(full, k))[ok], rtol=1e-12, atol=1e-14, err_msg=k)
 
 
+def _gather_index_loop(N, P, restrict, combo):
+    """The gather index as first written: one Python pass over all N⁴ tuples (the reference)."""
+    from eft_prob.theory.ntk_stats import _basis, _table_layout
+
+    layout = _table_layout(N, P, restrict)
+    where, off = {}, 0
+    for m, groups in layout.items():
+        for q, subsets in groups:
+            F = len(_basis(q, 5 - m))
+            for r, u in enumerate(map(tuple, subsets)):
+                where[u] = (q, off + r * F**m)
+            off += len(subsets) * F**m
+    lookup = {(m, q): {t: i for i, t in enumerate(_basis(q, 5 - m))} for m in range(1, 5) for q in range(P + 1)}
+    idx = np.full(N**4, off, dtype=np.int64)
+    for flat, tup in enumerate(itertools.product(range(N), repeat=4)):
+        u = tuple(sorted(set(tup)))
+        if u not in where or where[u][0] < max(combo):
+            continue
+        q, pos = where[u]
+        m = len(u)
+        F = len(lookup[m, q])
+        for j, v in enumerate(u):
+            orders = tuple(sorted(p for p, t in zip(combo, tup) if t == v))
+            pos += lookup[m, q][orders] * F ** (m - 1 - j)
+        idx[flat] = pos
+    return idx
+
+
+@pytest.mark.parametrize("N", [1, 2, 3, 4, 7])
+def test_gather_index_matches_the_tuple_loop(N):
+    """The vectorized gather index (one numpy scatter per layout group and rank pattern) equals the
+    per-tuple loop exactly, for full and restricted layouts and every combination the recursions use."""
+    from eft_prob.theory.ntk_stats import _gather_index
+
+    combos = sorted(set(itertools.permutations((0, 0, 0, 0))) | set(itertools.permutations((1, 1, 0, 0))))
+    combos += sorted(set(itertools.permutations((2, 1, 1, 0))) | {(1, 1, 1, 1), (3, 1, 1, 1), (2, 2, 1, 1)})
+    for P, restrict in [(1, None), (3, None), (3, (min(N, 3), (3, 3, 2))), (3, (1, (3, 2)))]:
+        for combo in combos:
+            if max(combo) > P:
+                continue
+            got = _gather_index(N, P, restrict, combo)
+            np.testing.assert_array_equal(
+                got, _gather_index_loop(N, P, restrict, combo), err_msg=f"{P} {restrict} {combo}"
+            )
+
+
 # --------------------------------------------------------------------------------------------
 # API.
 
