@@ -107,14 +107,24 @@ def _basis_eval(fns, basis):
     return f
 
 
-def _nested_table(K, evals, kinked: bool, n: int):
+def _nested_table(K, evals, kinked: bool, n: int, parity=None):
     """T[b, f_0, ..., f_{m-1}] = ⟨Π_k evals[k](z_k)[f_k]⟩ for kernels K (B, m, m), flattened to (B, F^m).
 
     One nested rule (:func:`eft_prob.gauss._nested_nodes`); the sum over ξ_k is taken innermost
     first, each step contracting the functions of z_k with the table of the inner variables.
+
+    ``parity`` (smooth rules only): a ±1 array (F,) with evals[k](−z)[f] = parity[f]·evals[k](z)[f]
+    for every k (odd σ: σ^(p) has parity (−1)^(p+1)).  The smooth grid is point-symmetric (nodes
+    x_{n−1−j} = −x_j with equal weights, the same on every axis), so ξ → −ξ maps the outer half
+    ξ_0 < 0 onto ξ_0 > 0 and the table is (1 + Π_k parity[f_k]) times the half-grid sum: half the
+    function evaluations, which dominate the cost.
     """
     zs, ws = gauss._nested_nodes(K, kinked, n)
     m = K.shape[-1]
+    if parity is not None:
+        half = n // 2
+        zs = [z[:, :half] for z in zs]
+        ws = [ws[0][..., :half], *ws[1:]]
     acc = None
     for k in reversed(range(m)):
         z = zs[k].reshape(zs[k].shape[: 1 + k + 1])  # drop the singleton axes of inner variables
@@ -124,10 +134,13 @@ def _nested_table(K, evals, kinked: bool, n: int):
         else:
             acc = jnp.einsum("f...i,g...i->fg...", phi, acc)
             acc = acc.reshape((-1, *acc.shape[2:]))
+    if parity is not None:
+        sign = functools.reduce(np.kron, [np.asarray(parity, np.float64)] * m)
+        acc = acc * jnp.asarray(1.0 + sign, acc.dtype)[:, None]
     return acc.T  # (B, F^m)
 
 
-def _chunked_tables(K_sub, evals, kinked, n, per_item):
+def _chunked_tables(K_sub, evals, kinked, n, per_item, parity=None):
     """_nested_table over the leading axis of K_sub in chunks of bounded size."""
     S = K_sub.shape[0]
     chunk = max(1, min(S, _MAX_ELEMS // max(1, per_item)))
@@ -136,8 +149,10 @@ def _chunked_tables(K_sub, evals, kinked, n, per_item):
     if pad:
         K_sub = jnp.concatenate([K_sub, jnp.broadcast_to(K_sub[:1], (pad, *K_sub.shape[1:]))])
     if n_chunks == 1:
-        return _nested_table(K_sub, evals, kinked, n)[:S]
-    out = jax.lax.map(lambda k: _nested_table(k, evals, kinked, n), K_sub.reshape(n_chunks, chunk, *K_sub.shape[1:]))
+        return _nested_table(K_sub, evals, kinked, n, parity)[:S]
+    out = jax.lax.map(
+        lambda k: _nested_table(k, evals, kinked, n, parity), K_sub.reshape(n_chunks, chunk, *K_sub.shape[1:])
+    )
     return out.reshape(n_chunks * chunk, -1)[:S]
 
 
@@ -210,9 +225,19 @@ def _gather_index(N: int, P: int, restrict, combo: tuple[int, ...]):
     return idx
 
 
+def _odd_smooth(act, kinked: bool) -> bool:
+    """Odd σ on a smooth (point-symmetric) rule: the tables need only half of the outer nodes."""
+    return not kinked and _HALF_GRID and gauss.is_odd(act)
+
+
+#: use the point symmetry of odd σ in the nested rules (off: the full grid, for comparison)
+_HALF_GRID = True
+
+
 def _moment_tables(act, K, P, kinked, nodes, restrict):
     """All subset tables of products of σ, ..., σ^(P), concatenated, plus a trailing zero."""
     fns = _derivative_fns(act, P)
+    odd = _odd_smooth(act, kinked)
     parts = []
     for m, groups in _table_layout(K.shape[0], P, restrict).items():
         n = nodes[m]
@@ -220,7 +245,8 @@ def _moment_tables(act, K, P, kinked, nodes, restrict):
             basis = _basis(q, 5 - m)
             K_sub = K[subsets[:, :, None], subsets[:, None, :]]
             evals = [_basis_eval(fns[: q + 1], basis)] * m
-            parts.append(_chunked_tables(K_sub, evals, kinked, n, len(basis) * n**m).reshape(-1))
+            parity = [(-1) ** sum(p + 1 for p in t) for t in basis] if odd else None
+            parts.append(_chunked_tables(K_sub, evals, kinked, n, len(basis) * n**m, parity).reshape(-1))
     return jnp.concatenate([*parts, jnp.zeros(1, K.dtype)])
 
 
@@ -237,7 +263,8 @@ def _pair_moments(act, K, P, kinked, n):
     pairs = np.stack([a.ravel(), b.ravel()], 1)
     K_sub = K[pairs[:, :, None], pairs[:, None, :]]
     ev = lambda z: jnp.stack([g(z) for g in fns])
-    table = _chunked_tables(K_sub, [ev, ev], kinked, n, (P + 1) * n * n)
+    parity = [(-1) ** (p + 1) for p in range(P + 1)] if _odd_smooth(act, kinked) else None
+    table = _chunked_tables(K_sub, [ev, ev], kinked, n, (P + 1) * n * n, parity)
     return table.reshape(N, N, P + 1, P + 1).transpose(2, 3, 0, 1)
 
 

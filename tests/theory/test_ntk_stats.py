@@ -261,6 +261,31 @@ def test_gather_index_matches_the_tuple_loop(N):
             )
 
 
+def test_odd_activations_use_half_of_the_nested_grid(monkeypatch):
+    """For odd σ the four-point and pair tables come from half of the outer nodes (point symmetry of
+    the smooth rule); they equal the full-grid tables to rounding, repeated inputs included."""
+    from eft_prob.theory import ntk_stats as ns
+
+    spec = ep.MLPSpec.at_criticality(3, (64, 64), 1, "tanh")
+    Xr = np.random.default_rng(0).normal(size=(6, 3))
+    Xr[5] = Xr[2]
+    K = ep.theory.nngp(spec, Xr)
+    nodes = dict(_NODES[False])
+    assert ns._odd_smooth(spec.activation, False) and not ns._odd_smooth(get_activation("gelu"), False)
+    assert not ns._odd_smooth(get_activation("relu"), True)
+    out = {}
+    for half in (True, False):
+        monkeypatch.setattr(ns, "_HALF_GRID", half)
+        out[half] = (
+            _np(ns._moment_tables(spec.activation, K, 3, False, nodes, None)),
+            _np(ns._moment_tables(spec.activation, K, 3, False, nodes, (3, (3, 3, 2)))),
+            _np(ns._pair_moments(spec.activation, K, 5, False, nodes[2])),
+        )
+    for a, b in zip(out[True], out[False]):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-14 * np.abs(b).max())
+        assert np.mean(np.abs(b) > 1e-8 * np.abs(b).max()) > 0.3  # not only the entries that vanish by parity
+
+
 # --------------------------------------------------------------------------------------------
 # API.
 
