@@ -490,7 +490,9 @@ def _nested_nodes(K, kinked: bool, n: int):
     return zs, ws
 
 
-def expect_nd(f: Callable, K, *, kinked: bool = False, n: int | None = None, orders: dict | None = None):
+def expect_nd(
+    f: Callable, K, *, kinked: bool = False, n: int | None = None, orders: dict | None = None, even: bool = False
+):
     """⟨f(z_1, ..., z_m)⟩ for z ~ N(0, K), K of shape (..., m, m) with m <= 4, over the batch axes.
 
     ``f`` takes m arrays that broadcast against each other (z_k varies along grid axes 1..k only,
@@ -500,6 +502,8 @@ def expect_nd(f: Callable, K, *, kinked: bool = False, n: int | None = None, ord
     nested tensor rules described above, with ``n`` nodes per axis (smooth) or ``n // 2`` per
     half-line (kinked); defaults in :data:`ND_ORDERS`.  Singular K (repeated inputs) is allowed.
     Differentiable in K; evaluate large batches in chunks (the grid has n^m points per kernel).
+    ``even``: f(−z) = f(z) (e.g. a product of an even number of odd σ's); the smooth nested rule is
+    point-symmetric, so m = 3, 4 then evaluate half of the outer nodes (ξ_0 < 0) and double the sum.
     """
     K = jnp.asarray(K)
     if K.ndim < 2 or K.shape[-1] != K.shape[-2] or not 1 <= K.shape[-1] <= 4:
@@ -515,10 +519,15 @@ def expect_nd(f: Callable, K, *, kinked: bool = False, n: int | None = None, ord
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < (4 if kinked else 3) or n > 4096:
         raise ValueError(f"expect_nd: n must be an integer in [{4 if kinked else 3}, 4096], got {n!r}.")
     zs, ws = _nested_nodes(K, kinked, int(n))
+    half = even and not kinked and n % 2 == 0
+    if half:  # ξ → −ξ maps ξ_0 > 0 onto ξ_0 < 0 and z onto −z
+        b = K.ndim - 2  # the ξ_0 axis follows the batch axes
+        zs = [z[(slice(None),) * b + (slice(0, n // 2),)] for z in zs]
+        ws = [ws[0][..., : n // 2], *ws[1:]]
     val = f(*zs)
     for k in range(m - 1, -1, -1):
         val = jnp.sum(val * ws[k], axis=-1)
-    return val
+    return 2.0 * val if half else val
 
 
 __all__ += ["ND_ORDERS", "expect_nd"]

@@ -384,6 +384,7 @@ def _four_point_packed(act, K, groups, low_orders, nd_orders):
     nd = dict(nd_orders)
     s = act.fn
     packed = jnp.zeros(math.comb(N + 3, 4), K.dtype)
+    even = gauss.is_odd(act)  # every integrand below is a product of four σ's: even for odd σ
     d = jnp.diagonal(K)
     packed = packed.at[r1].set(gauss.expect_1d(lambda z: s(z) ** 4, d, kinked=act.kinked))
     if N >= 2:
@@ -411,7 +412,9 @@ def _four_point_packed(act, K, groups, low_orders, nd_orders):
             def f(a, b, c, e):
                 return (s(a) * s(b) * s(c) * s(e))[None]
 
-        vals = _chunked(lambda ix, f=f, n=n: gauss.expect_nd(f, _sub_kernels(K, ix), kinked=act.kinked, n=n), idx, n**m)
+        vals = _chunked(
+            lambda ix, f=f, n=n: gauss.expect_nd(f, _sub_kernels(K, ix), kinked=act.kinked, n=n, even=even), idx, n**m
+        )
         packed = packed.at[ranks].set(vals if m == 3 else vals[0])
     return packed
 
