@@ -453,13 +453,20 @@ def _adapted_sinh(kmax, n: int):
     return x, w
 
 
-def _nested_nodes(K, kinked: bool, n: int):
+def _nested_nodes(K, kinked: bool, n: int, half: bool = False):
     """Nested rule for (..., m, m) kernels K: lists zs, ws with, for each axis k = 0..m-1,
 
     zs[k] of shape (..., n×(k+1), 1×(m-k-1)) — z_k on the grid of ξ_0..ξ_k — and ws[k]
     broadcastable to (..., n×(k+1)) — the weights of ξ_k given ξ_0..ξ_{k-1}.  ``n`` is the number
     of nodes per axis (for kinked rules 2q: q per half-line).
+
+    ``half`` (smooth rule, n even): only the outer half ξ_0 < 0 (n/2 nodes on axis 0).  The smooth
+    grid is point-symmetric (x_{n−1−j} = −x_j, equal weights, the same on every axis), so ξ → −ξ
+    maps this half onto the other and z onto −z: for integrands of known parity the full sum is
+    (1 + parity) times the half sum.
     """
+    if half and (kinked or n % 2):
+        raise ValueError(f"_nested_nodes: half=True needs the smooth rule and an even n, got kinked={kinked}, n={n}.")
     m = K.shape[-1]
     L = _cholesky_psd(K)
     batch = K.shape[:-2]
@@ -469,9 +476,10 @@ def _nested_nodes(K, kinked: bool, n: int):
     if not kinked:
         x, w = _adapted_sinh(jnp.max(jnp.diagonal(K, axis1=-2, axis2=-1), axis=-1), n)
         for k in range(m):
-            shape = batch + (1,) * k + (n,)
-            xis.append(x.reshape(shape))
-            ws.append(w.reshape(shape))
+            xk, wk = (x[..., : n // 2], w[..., : n // 2]) if half and k == 0 else (x, w)
+            shape = batch + (1,) * k + (xk.shape[-1],)
+            xis.append(xk.reshape(shape))
+            ws.append(wk.reshape(shape))
     else:
         q = n // 2
         for k in range(m):
@@ -518,12 +526,8 @@ def expect_nd(
         n = ND_ORDERS[f"kink{m}"] * 2 if kinked else ND_ORDERS[f"smooth{m}"]
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < (4 if kinked else 3) or n > 4096:
         raise ValueError(f"expect_nd: n must be an integer in [{4 if kinked else 3}, 4096], got {n!r}.")
-    zs, ws = _nested_nodes(K, kinked, int(n))
     half = even and not kinked and n % 2 == 0
-    if half:  # ξ → −ξ maps ξ_0 > 0 onto ξ_0 < 0 and z onto −z
-        b = K.ndim - 2  # the ξ_0 axis follows the batch axes
-        zs = [z[(slice(None),) * b + (slice(0, n // 2),)] for z in zs]
-        ws = [ws[0][..., : n // 2], *ws[1:]]
+    zs, ws = _nested_nodes(K, kinked, int(n), half)
     val = f(*zs)
     for k in range(m - 1, -1, -1):
         val = jnp.sum(val * ws[k], axis=-1)

@@ -113,18 +113,13 @@ def _nested_table(K, evals, kinked: bool, n: int, parity=None):
     One nested rule (:func:`eft_prob.gauss._nested_nodes`); the sum over ξ_k is taken innermost
     first, each step contracting the functions of z_k with the table of the inner variables.
 
-    ``parity`` (smooth rules only): a ±1 array (F,) with evals[k](−z)[f] = parity[f]·evals[k](z)[f]
-    for every k (odd σ: σ^(p) has parity (−1)^(p+1)).  The smooth grid is point-symmetric (nodes
-    x_{n−1−j} = −x_j with equal weights, the same on every axis), so ξ → −ξ maps the outer half
-    ξ_0 < 0 onto ξ_0 > 0 and the table is (1 + Π_k parity[f_k]) times the half-grid sum: half the
-    function evaluations, which dominate the cost.
+    ``parity`` (smooth rules, even n): a ±1 array (F,) with evals[k](−z)[f] = parity[f]·evals[k](z)[f]
+    for every k (odd σ: σ^(p) has parity (−1)^(p+1)).  The table is then (1 + Π_k parity[f_k]) times
+    the sum over the outer half ξ_0 < 0 of the point-symmetric grid (``_nested_nodes(half=True)``):
+    half the function evaluations, which dominate the cost.
     """
-    zs, ws = gauss._nested_nodes(K, kinked, n)
+    zs, ws = gauss._nested_nodes(K, kinked, n, half=parity is not None)
     m = K.shape[-1]
-    if parity is not None:
-        half = n // 2
-        zs = [z[:, :half] for z in zs]
-        ws = [ws[0][..., :half], *ws[1:]]
     acc = None
     for k in reversed(range(m)):
         z = zs[k].reshape(zs[k].shape[: 1 + k + 1])  # drop the singleton axes of inner variables
