@@ -13,9 +13,12 @@ from .kernels import Kernels, kernels, nngp, ntk, output_kernels
 from .ntk_stats import NTKStatistics, ntk_statistics
 from .training import (
     NLOTrainedCoefficients,
+    NLOTrainedMarginals,
+    TrainedMarginals,
     TrainedMoments,
     gd_prediction,
     nlo_trained_coefficients,
+    nlo_trained_marginals,
     nlo_trained_moments,
 )
 from .vertex import FactoredVertex, PriorStatistics, four_point_vertex, nlo_kernel, prior_statistics
@@ -26,8 +29,10 @@ __all__ = [
     "NLOMarginals",
     "NLOMoments",
     "NLOTrainedCoefficients",
+    "NLOTrainedMarginals",
     "NTKStatistics",
     "PriorStatistics",
+    "TrainedMarginals",
     "TrainedMoments",
     "four_point_vertex",
     "gd_prediction",
@@ -38,6 +43,7 @@ __all__ = [
     "nlo_posterior_marginals",
     "nlo_posterior_moments",
     "nlo_trained_coefficients",
+    "nlo_trained_marginals",
     "nlo_trained_moments",
     "nngp",
     "ntk",

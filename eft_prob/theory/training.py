@@ -11,6 +11,10 @@ P_t = Θ_BA Φ_t (eq. 8.2 of the sheet; book §10.2).  t → ∞ gives Φ = Θ̃
 
 from __future__ import annotations
 
+import math
+import os
+import sys
+import time
 from typing import NamedTuple
 
 import jax
@@ -23,10 +27,13 @@ from .._validate import check_inputs
 __all__ = [
     "GaussianPrediction",
     "NLOTrainedCoefficients",
+    "NLOTrainedMarginals",
+    "TrainedMarginals",
     "TrainedMoments",
     "gd_moments",
     "gd_prediction",
     "nlo_trained_coefficients",
+    "nlo_trained_marginals",
     "nlo_trained_moments",
     "stability_bound",
 ]
@@ -392,24 +399,50 @@ def _warn_cost(n_train: int, n_test: int) -> None:
             f"the O(1/n) trained moments for N_A + N_B = {n_train} + {n_test} = {N} inputs use dense tables of "
             "the NTK, dNTK and ddNTK statistics over four inputs at a time, whose time and memory grow like N⁴ "
             "(measured at depth 3 on 2 CPU cores with tanh: 3 s for 8 + 8 inputs, 60 s for 16 + 16; GELU 5x "
-            "more); there is no factored form for many inputs yet. Use fewer inputs (split X_test into small "
-            "batches: the marginal moments of each batch are exact), or the infinite-width order=0.",
+            "more); there is no factored form for many inputs yet. For many test inputs use "
+            "eft_prob.theory.nlo_trained_marginals (the moments of each test input, cost linear in their number), "
+            "or split X_test into small batches (each batch's moments are exactly that block of the joint ones), "
+            "or the infinite-width order=0.",
             CostWarning,
         )
 
 
-def _trained_statistics(spec, X_all, nA):
-    """NTK statistics on A ∪ B, only the entries the trained moments use (<= 2 test indices, and
-    <= 1 for R, S, T, U: see ntk_stats._table_layout)."""
+def _trained_statistics(spec, X_all, nA, orders=(3, 3, 2)):
+    """NTK statistics on A ∪ B, only the entries the trained moments use: a subset of inputs with k
+    test inputs gets derivative order ``orders[k]`` (-1: none; see ntk_stats._table_layout).  The
+    joint moments need <= 2 test indices (<= 1 for R, S, T, U): (3, 3, 2); the per-test-input
+    marginals only entries whose test indices are all one input: (3, 3, -1)."""
     from .ntk_stats import _NODES, _STATS, NTKStatistics, _canonical, _stack, _stack_jit, _width_ratios
 
-    kw = dict(derivatives=True, all_layers=False, nodes=tuple(sorted(_NODES[False].items())), restrict=(nA, (3, 3, 2)))
+    kw = dict(
+        derivatives=True, all_layers=False, nodes=tuple(sorted(_NODES[False].items())), restrict=(nA, tuple(orders))
+    )
     ratios = _width_ratios(spec, X_all.dtype)
     if is_concrete(spec, X_all):
         raw = _stack_jit(_canonical(spec), X_all, ratios, **kw)
     else:
         raw = _stack(spec, X_all, ratios, **kw)
     return NTKStatistics(**{k: raw[k] for k in _STATS}, width=spec.widths[-2])
+
+
+def _check_trained(spec, learning_rate, steps, T_AA):
+    """Arguments of the O(1/n) trained moments: steps, a hidden layer, a smooth σ, η below 2/λ_max(Θ̃)."""
+    from .ntk_stats import _check_activation
+
+    steps = _check_nlo_args(learning_rate, steps)
+    if spec.depth < 2:
+        raise ValueError(
+            "the O(1/n) trained moments need a hidden layer (spec.hidden is empty): a linear model has none."
+        )
+    _check_activation(spec.activation, True)
+    if learning_rate is not None and is_concrete(T_AA, learning_rate):
+        lam_max = float(jnp.linalg.eigvalsh(T_AA)[-1])
+        if float(learning_rate) * lam_max >= 2.0:
+            raise ValueError(
+                f"learning_rate={float(learning_rate):.4g} is at or above the GD stability bound 2/λ_max(Θ̃) = "
+                f"{2 / lam_max:.4g}: gradient descent diverges and has no trained distribution."
+            )
+    return steps
 
 
 @float64_theory
@@ -421,7 +454,8 @@ def nlo_trained_coefficients(spec, X, y, X_test, learning_rate=None, steps=None)
     At O(1/n) the converged network depends on η ("algorithm dependence" through the dNTK and
     ddNTKs); ``learning_rate=None`` (with ``steps=None``) means gradient flow, η → 0.  The order-0
     parts equal :func:`gd_moments`.  Needs a smooth activation (the dNTK/ddNTK statistics of
-    :func:`eft_prob.theory.ntk_stats.ntk_statistics`).
+    :func:`eft_prob.theory.ntk_stats.ntk_statistics`).  The cost grows like (N_A + N_B)⁴: for many
+    test inputs use :func:`nlo_trained_marginals`.
 
     Returns
     -------
@@ -430,25 +464,12 @@ def nlo_trained_coefficients(spec, X, y, X_test, learning_rate=None, steps=None)
         event (index β·n_L + i).
     """
     from .kernels import train_test_blocks
-    from .ntk_stats import _check_activation
 
-    steps = _check_nlo_args(learning_rate, steps)
-    if spec.depth < 2:
-        raise ValueError(
-            "the O(1/n) trained moments need a hidden layer (spec.hidden is empty): a linear model has none."
-        )
-    _check_activation(spec.activation, True)
     b = train_test_blocks(spec, X, y, X_test)
+    steps = _check_trained(spec, learning_rate, steps, b.T_AA)
     nA = b.y.shape[0]
     X_all = jnp.concatenate([check_inputs(spec, X, "X"), check_inputs(spec, X_test, "X_test")])
     _warn_cost(nA, X_all.shape[0] - nA)
-    if learning_rate is not None and is_concrete(spec, X_all, learning_rate):
-        lam_max = float(jnp.linalg.eigvalsh(b.T_AA)[-1])
-        if float(learning_rate) * lam_max >= 2.0:
-            raise ValueError(
-                f"learning_rate={float(learning_rate):.4g} is at or above the GD stability bound 2/λ_max(Θ̃) = "
-                f"{2 / lam_max:.4g}: gradient descent diverges and has no trained distribution."
-            )
     st = _trained_statistics(spec, X_all, nA)
     fn = _nlo_parts_jit if is_concrete(spec, X_all, b.y, learning_rate) else _nlo_parts
     m0, c0, m1, c1 = fn(st, b.y, learning_rate, nA=nA, steps=steps)
@@ -460,3 +481,260 @@ def nlo_trained_moments(spec, X, y, X_test, learning_rate=None, steps=None) -> T
     spec's width, to O(1/n) (see :func:`nlo_trained_coefficients` for the parts and the arguments).
     """
     return nlo_trained_coefficients(spec, X, y, X_test, learning_rate, steps).at()
+
+
+class TrainedMarginals(NamedTuple):
+    """Per-test-input moments of trained outputs: ``mean`` (N_B, n_L) and ``cov`` (N_B, n_L, n_L),
+    the covariance of the n_L outputs f(x_β) for each test input β (at O(1/n) different output
+    neurons are correlated).  Covariances between different test inputs are not formed."""
+
+    mean: jax.Array
+    cov: jax.Array
+
+    @property
+    def variance(self) -> jax.Array:
+        """(N_B, n_L): the marginal variance of every output."""
+        return jnp.diagonal(self.cov, axis1=1, axis2=2)
+
+
+class NLOTrainedMarginals(NamedTuple):
+    """Per-test-input trained-output moments as mean0 + mean1/n and cov0 + cov1/n, n = ``width``.
+
+    ``mean0``, ``mean1`` are (N_B, n_L); ``cov0``, ``cov1`` (N_B, n_L, n_L) are the diagonal blocks
+    β = β' of :class:`NLOTrainedCoefficients`' ``cov0``, ``cov1`` (index β·n_L + i), equal to them
+    up to rounding.
+    """
+
+    mean0: jax.Array
+    cov0: jax.Array
+    mean1: jax.Array
+    cov1: jax.Array
+    width: int
+
+    def at(self, width: float | None = None) -> TrainedMarginals:
+        """The moments at width n (default: the spec's n_{L-1}), truncated at O(1/n)."""
+        n = self.width if width is None else width
+        cov = self.cov0 + self.cov1 / n
+        return TrainedMarginals(self.mean0 + self.mean1 / n, (cov + jnp.swapaxes(cov, 1, 2)) / 2)
+
+
+_MARGINAL_INPUTS = 32  # default batch: N_A + batch_size inputs per dense pass (as _DENSE_TRAINED_MAX)
+_MARGINAL_FORMAT = "eft_prob.theory.nlo_trained_marginals/1"
+_MARGINAL_FIELDS = ("mean0", "cov0", "mean1", "cov1")
+
+
+def _diagonal_blocks(parts, nL):
+    """(mean0, cov0, mean1, cov1) of one batch -> per-test-input (b, n_L) means and (b, n_L, n_L) blocks."""
+    m0, c0, m1, c1 = parts
+    b = m0.shape[0]
+    blocks = lambda C: jnp.einsum("bibj->bij", C.reshape(b, nL, b, nL))
+    return m0, blocks(c0), m1, blocks(c1)
+
+
+class _MarginalCheckpoint:
+    """One ``.npz`` file, rewritten atomically after every batch: the fingerprint of the arguments,
+    the number of finished batches and their results."""
+
+    def __init__(self, path, fields: dict):
+        import hashlib
+        import json
+
+        self.path = os.fspath(path)
+        if os.path.isdir(self.path):
+            raise ValueError(
+                f"checkpoint must be a file path (an .npz file is written there), got the directory {self.path!r}."
+            )
+        self.fields = fields
+        self.json = json.dumps(fields, sort_keys=True)
+        self.digest = hashlib.sha256(self.json.encode()).hexdigest()
+
+    def load(self, shapes: dict):
+        """(finished batches, {field: array}) from the file, or (0, None) when there is none."""
+        import json
+        import zipfile
+
+        if not os.path.exists(self.path):
+            return 0, None
+        fix = "delete it to start again"
+        try:
+            with np.load(self.path, allow_pickle=False) as z:
+                digest, done = str(z["fingerprint"]), int(z["done"])
+                stored = json.loads(str(z["arguments"]))
+                arrays = {k: z[k] for k in _MARGINAL_FIELDS}
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            raise ValueError(f"checkpoint {self.path!r} is unreadable ({e}); {fix}.") from None
+        if digest != self.digest:
+            diff = [k for k in sorted(set(stored) | set(self.fields)) if stored.get(k) != self.fields.get(k)]
+            detail = "; ".join(f"{k}: stored {stored.get(k)!r}, now {self.fields.get(k)!r}" for k in diff)
+            raise ValueError(
+                f"checkpoint {self.path!r} belongs to a run with different arguments ({detail}). Pass the "
+                f"original arguments to resume, or a new path; {fix}."
+            )
+        for k, shape in shapes.items():
+            if arrays[k].shape != shape or arrays[k].dtype != np.float64:
+                raise ValueError(f"checkpoint {self.path!r}: {k} has the wrong shape or dtype; {fix}.")
+        return done, arrays
+
+    def save(self, done: int, arrays: dict) -> None:
+        from .._io import atomic_write
+
+        meta = {"fingerprint": np.array(self.digest), "arguments": np.array(self.json), "done": np.array(done)}
+
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays, **meta)
+
+        atomic_write(self.path, write, fsync=True)
+
+
+#: test hook, called as ``_after_batch_hook(batch_index)`` after each computed batch is stored
+_after_batch_hook = None
+
+
+def _marginal_fields(spec, X, y, X_test, learning_rate, steps, batch_size) -> dict:
+    from ..ensemble import _array_digest
+
+    return {
+        "format": _MARGINAL_FORMAT,
+        "spec": repr(spec),
+        "X": _array_digest(X),
+        "y": _array_digest(y),
+        "X_test": _array_digest(X_test),
+        "learning_rate": "gradient flow" if learning_rate is None else float(learning_rate).hex(),
+        "steps": str(steps),
+        "batch_size": str(batch_size),
+    }
+
+
+def _warn_marginal_cost(n_train: int, batch: int) -> None:
+    if n_train + batch > _MARGINAL_INPUTS:
+        warn(
+            f"nlo_trained_marginals with {n_train} training inputs and batch_size={batch} makes dense passes over "
+            f"{n_train + batch} inputs, whose time and memory grow like (N_A + batch_size)⁴, and each test input "
+            f"costs about C(N_A, 3) = {math.comb(n_train, 3)} four-input Gaussian tables per layer (measured at depth "
+            "3 on 2 CPU cores with tanh: 0.43 s per test input for N_A = 8, 4.7 s for N_A = 16); there is no "
+            "factored form for many training inputs yet. Use fewer training inputs, or the infinite-width order=0.",
+            CostWarning,
+        )
+
+
+@float64_theory
+def nlo_trained_marginals(
+    spec,
+    X,
+    y,
+    X_test,
+    learning_rate=None,
+    steps=None,
+    *,
+    batch_size: int | None = None,
+    progress: bool = False,
+    checkpoint=None,
+) -> NLOTrainedMarginals:
+    """Per-test-input means and covariances of trained outputs to O(1/n), for many test inputs.
+
+    The formulas of :func:`nlo_trained_coefficients` (same arguments and conventions), restricted to
+    what the moments of one test input need: statistics whose test indices are all that input.
+    Test inputs are processed ``batch_size`` at a time, each batch in one dense pass over
+    N_A + batch_size inputs with the entries that mix two test inputs skipped; the training-only
+    tables are recomputed per batch.  The cost is linear in N_B (instead of the joint path's
+    (N_A + N_B)⁴) and grows like N_A³ per test input, so this suits a few to ~20 training inputs
+    and thousands of test inputs (benchmarks/bench_trained.py --marginals).
+
+    Parameters
+    ----------
+    batch_size : int, optional
+        Test inputs per dense pass (each pass is one compiled call, the last one padded).  Default:
+        32 − N_A (at least 1).
+    progress : bool
+        One line per batch (test inputs done, elapsed time, ETA) on stderr.
+    checkpoint : str or os.PathLike, optional
+        An ``.npz`` file, rewritten atomically after every batch.  A run restarted with the same
+        arguments continues after the stored batches and returns the same results; a file written
+        with other arguments raises ``ValueError`` (naming the arguments that differ).
+
+    Returns
+    -------
+    NLOTrainedMarginals
+        ``mean0 + mean1/n`` (N_B, n_L) and ``cov0 + cov1/n`` (N_B, n_L, n_L): use ``.at()``.
+    """
+    from .._validate import check_targets
+    from ..ensemble import _check_count
+    from .kernels import output_kernels
+
+    X = check_inputs(spec, X, "X")
+    X_test = check_inputs(spec, X_test, "X_test")
+    y = check_targets(spec, y, X.shape[0])
+    nA, nB, nL = X.shape[0], X_test.shape[0], y.shape[1]
+    steps = _check_trained(spec, learning_rate, steps, output_kernels(spec, X)[1])
+    if batch_size is None:
+        batch_size = max(1, _MARGINAL_INPUTS - nA)
+    batch_size = min(_check_count("batch_size", batch_size), nB)
+    if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
+        raise ValueError(f"checkpoint must be a file path or None, got {checkpoint!r}.")
+    concrete = is_concrete(spec, X, y, X_test, learning_rate)
+    if not concrete and (checkpoint is not None or progress):
+        raise ValueError("checkpoint and progress need concrete arguments: call nlo_trained_marginals outside jit.")
+    _warn_marginal_cost(nA, batch_size)
+
+    n_batches = -(-nB // batch_size)
+    pad = n_batches * batch_size - nB
+    Xp = jnp.concatenate([X_test, jnp.broadcast_to(X_test[-1:], (pad, X_test.shape[1]))]) if pad else X_test
+    shapes = {"mean0": (n_batches * batch_size, nL), "cov0": (n_batches * batch_size, nL, nL)}
+    shapes.update(mean1=shapes["mean0"], cov1=shapes["cov0"])
+    ck = done = stored = None
+    if checkpoint is not None:
+        ck = _MarginalCheckpoint(checkpoint, _marginal_fields(spec, X, y, X_test, learning_rate, steps, batch_size))
+        done, stored = ck.load(shapes)
+    done = done or 0
+    out = stored if stored is not None else ({k: np.zeros(s) for k, s in shapes.items()} if concrete else None)
+    pieces = []
+    fn = _nlo_parts_jit if concrete else _nlo_parts
+    bar = _BatchProgress(progress, n_batches, nB, batch_size, done, checkpoint)
+    for i in range(done, n_batches):
+        sl = slice(i * batch_size, (i + 1) * batch_size)
+        st = _trained_statistics(spec, jnp.concatenate([X, Xp[sl]]), nA, orders=(3, 3, -1))
+        res = _diagonal_blocks(fn(st, y, learning_rate, nA=nA, steps=steps), nL)
+        if not concrete:
+            pieces.append(res)
+            continue
+        for k, v in zip(_MARGINAL_FIELDS, res):
+            out[k][sl] = np.asarray(v)
+        if ck is not None:
+            ck.save(i + 1, out)
+        if _after_batch_hook is not None:
+            _after_batch_hook(i)
+        bar.batch(i + 1)
+    if concrete:
+        res = [jnp.asarray(out[k][:nB]) for k in _MARGINAL_FIELDS]
+    else:
+        res = [jnp.concatenate(p)[:nB] for p in zip(*pieces)]
+    return NLOTrainedMarginals(*res, spec.widths[-2])
+
+
+class _BatchProgress:
+    """One line per batch on stderr."""
+
+    def __init__(self, enabled: bool, n_batches: int, n_test: int, batch: int, done: int, where):
+        self.enabled, self.n, self.N, self.b, self.start = enabled, n_batches, n_test, batch, done
+        self.t0 = time.perf_counter()
+        self.first = None
+        if enabled and done:
+            self._emit(f"resumed from {os.fspath(where)!r}: {done}/{n_batches} batches done")
+
+    def _emit(self, text):
+        print(f"nlo_trained_marginals: {text}", file=sys.stderr, flush=True)
+
+    def batch(self, done: int):
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if self.first is None:  # the first batch includes compilation: the rate starts after it
+            self.first = (now, done)
+        t1, d1 = self.first
+        n, dt = (done - d1, now - t1) if done > d1 else (done - self.start, now - self.t0)
+        eta = (self.n - done) * dt / n if n > 0 else float("inf")
+        self._emit(
+            f"batch {done}/{self.n}, {min(done * self.b, self.N)}/{self.N} test inputs, {now - self.t0:.1f} s elapsed, "
+            f"ETA {eta:.0f} s"
+        )

@@ -19,7 +19,12 @@ import pytest
 
 import eft_prob as ep
 from eft_prob.theory.ntk_stats import ntk_statistics
-from eft_prob.theory.training import _composite_statistics, gd_moments, nlo_trained_coefficients
+from eft_prob.theory.training import (
+    _composite_statistics,
+    gd_moments,
+    nlo_trained_coefficients,
+    nlo_trained_marginals,
+)
 from tests.conftest import fit_inverse_powers
 from tests.theory.ntk_mc import h1_mean_part, trained_ensemble, trained_moment_estimates
 
@@ -313,3 +318,115 @@ def test_trained_mean_and_covariance_match_gd_trained_ensembles():
         assert abs(c - pred[j]) <= 4 * sc, (j, c, sc, pred[j])
         resolved += abs(pred[j]) > 4 * sc
     assert resolved >= 4  # the 1/n terms are resolved (order 0 alone is rejected) for most quantities
+
+
+# --------------------------------------------------------------------------------------------
+# Per-test-input marginals for many test inputs (nlo_trained_marginals).
+
+
+def _blocks(C, nB, nL):
+    return np.einsum("bibj->bij", np.asarray(C).reshape(nB, nL, nB, nL))
+
+
+XT5 = np.array([[0.6, 0.5], [-1.2, -0.3], [0.1, 1.1], [0.9, -0.7], [-0.4, -1.3]])
+
+
+@pytest.mark.parametrize("eta, steps", [(None, None), (0.3, 7)])
+def test_marginals_are_the_diagonal_blocks_of_the_joint_moments(eta, steps):
+    # Restricting the tables to entries whose test indices are all one input (batches padded by
+    # repeating the last test input) must not change those entries: exact up to rounding.
+    spec = _spec(2)
+    joint = nlo_trained_coefficients(spec, XA, YA, XT5, eta, steps)
+    for batch_size in (1, 2, None):
+        m = nlo_trained_marginals(spec, XA, YA, XT5, eta, steps, batch_size=batch_size)
+        assert m.mean1.shape == (5, 2) and m.cov1.shape == (5, 2, 2) and m.width == 16
+        for got, want in [
+            (m.mean0, joint.mean0),
+            (m.mean1, joint.mean1),
+            (m.cov0, _blocks(joint.cov0, 5, 2)),
+            (m.cov1, _blocks(joint.cov1, 5, 2)),
+        ]:
+            scale = np.abs(np.asarray(want)).max()
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-11 * scale)
+        at, ref = m.at(40.0), joint.at(40.0)
+        np.testing.assert_allclose(np.asarray(at.variance), np.diag(np.asarray(ref.cov)).reshape(5, 2), rtol=1e-10)
+    # the 1/n covariance couples the two outputs of one test input
+    assert np.abs(np.asarray(m.cov1)[:, 0, 1]).max() > 1e-3 * np.abs(np.asarray(m.cov1)).max()
+
+
+def test_marginals_under_jit():
+    spec = _spec(1)
+    y = YA[:, :1]
+    eager = nlo_trained_marginals(spec, XA, y, XT5[:3], 0.3, batch_size=2)
+    f = jax.jit(lambda Xt: nlo_trained_marginals(spec, XA, y, Xt, 0.3, batch_size=2))
+    traced = f(XT5[:3])
+    for a, b in zip(traced[:4], eager[:4]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="outside jit"):
+        jax.jit(lambda Xt: nlo_trained_marginals(spec, XA, y, Xt, 0.3, progress=True).mean1)(XT5[:3])
+
+
+def test_marginals_checkpoint_resumes_after_a_crash(tmp_path, monkeypatch, capsys):
+    from eft_prob.theory import training
+
+    spec = _spec(1)
+    y = YA[:, :1]
+    full = nlo_trained_marginals(spec, XA, y, XT5, 0.3, batch_size=2)
+    path = tmp_path / "marginals.npz"
+    calls = []
+
+    def crash(i):
+        calls.append(i)
+        if i == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "_after_batch_hook", crash)
+    with pytest.raises(KeyboardInterrupt):
+        nlo_trained_marginals(spec, XA, y, XT5, 0.3, batch_size=2, checkpoint=path)
+    assert calls == [0, 1] and path.exists()
+    with np.load(path) as z:
+        assert int(z["done"]) == 2
+    assert not [p for p in tmp_path.iterdir() if p.name != path.name]  # no temporary files left
+    calls.clear()
+    monkeypatch.setattr(training, "_after_batch_hook", calls.append)
+    again = nlo_trained_marginals(spec, XA, y, XT5, 0.3, batch_size=2, checkpoint=path, progress=True)
+    assert calls == [2]  # only the last batch was computed
+    err = capsys.readouterr().err
+    assert "resumed from" in err and "2/3 batches done" in err and "batch 3/3, 5/5 test inputs" in err
+    for a, b in zip(again[:4], full[:4]):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # a finished checkpoint computes nothing; other arguments are refused, naming them
+    calls.clear()
+    nlo_trained_marginals(spec, XA, y, XT5, 0.3, batch_size=2, checkpoint=path)
+    assert calls == []
+    with pytest.raises(ValueError, match=r"different arguments.*X_test"):
+        nlo_trained_marginals(spec, XA, y, XT5 + 1.0, 0.3, batch_size=2, checkpoint=path)
+    with pytest.raises(ValueError, match=r"different arguments.*batch_size"):
+        nlo_trained_marginals(spec, XA, y, XT5, 0.3, batch_size=1, checkpoint=path)
+    with pytest.raises(ValueError, match="file path"):
+        nlo_trained_marginals(spec, XA, y, XT5, 0.3, checkpoint=tmp_path)
+    path.write_bytes(b"not an npz file")
+    with pytest.raises(ValueError, match="unreadable"):
+        nlo_trained_marginals(spec, XA, y, XT5, 0.3, batch_size=2, checkpoint=path)
+
+
+def test_marginals_errors_and_cost_warning():
+    from eft_prob.theory.training import _warn_marginal_cost
+
+    y = YA[:, :1]
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+            nlo_trained_marginals(_spec(1), XA, y, XB, batch_size=bad)
+    with pytest.raises(ValueError, match="kinked"):
+        nlo_trained_marginals(ep.MLPSpec(2, (8, 8), 1, "relu", C_W=2.0), XA, y, XB)
+    with pytest.raises(ValueError, match="stability bound"):
+        nlo_trained_marginals(_spec(1), XA, y, XB, 50.0)
+    with pytest.raises(ValueError, match="X_test"):
+        nlo_trained_marginals(_spec(1), XA, y, XB[:, :1])
+    with pytest.raises(ValueError, match="checkpoint must be a file path"):
+        nlo_trained_marginals(_spec(1), XA, y, XB, checkpoint=3)
+    with pytest.warns(ep.CostWarning, match=r"C\(N_A, 3\) = 4960"):
+        _warn_marginal_cost(32, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_marginal_cost(16, 16)
