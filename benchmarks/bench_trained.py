@@ -16,6 +16,12 @@ and the ratio shows the measurement noise.
 
 Usage: ``PYTHONPATH=. python benchmarks/bench_trained.py [--large] [--activations tanh gelu]``
 (``--large`` adds 16 + 16 inputs: about 3 minutes for tanh on 2 CPU cores).
+
+``--marginals [N_TEST]``: the per-test-input moments of ``nlo_trained_marginals`` instead (tanh,
+same network).  The baseline is the joint ``nlo_trained_coefficients`` on N_A + 24 inputs (its
+practical limit), whose diagonal blocks the marginals must equal; then the marginals alone for
+N_A + N_TEST inputs (default 8 + 992 = 1000: about 7 minutes; warm: same batch shape as the
+baseline row), with the time per test input.
 """
 
 from __future__ import annotations
@@ -56,7 +62,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--large", action="store_true", help="also 16 + 16 inputs")
     p.add_argument("--activations", nargs="+", default=["tanh", "gelu"], choices=["tanh", "gelu"])
+    p.add_argument("--marginals", nargs="?", type=int, const=992, default=None, metavar="N_TEST")
+    p.add_argument("--n-train", type=int, nargs="+", default=[8], help="N_A for --marginals")
     args = p.parse_args()
+    if args.marginals is not None:
+        return marginals(args.marginals, args.n_train)
     sizes = [(4, 5), (8, 8)] + ([(16, 16)] if args.large else [])
     print(f"# jax {jax.__version__}, backend {jax.default_backend()}, load average {os.getloadavg()}\n")
     print(
@@ -83,6 +93,52 @@ def main() -> None:
                 flush=True,
             )
     ntk_stats._HALF_GRID = True
+    print(f"\nload average at the end {os.getloadavg()}")
+
+
+def marginals(n_test: int, n_trains) -> None:
+    """Joint (baseline) vs per-test-input marginals on N_A + 24 inputs, then the marginals on N_A + n_test."""
+    from eft_prob.theory.training import nlo_trained_marginals
+
+    print(f"# jax {jax.__version__}, backend {jax.default_backend()}, load average {os.getloadavg()}\n")
+    print(
+        "| N_A + N_B | joint (baseline) warm | marginals cold | marginals warm | per test input | ratio "
+        "| max rel. diff. of mean1 / cov1 blocks | peak RSS GiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    warnings.simplefilter("ignore", ep.CostWarning)
+    spec = ep.MLPSpec.at_criticality(3, (64, 64), 1, "tanh")
+    rel = lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
+    for nA in n_trains:
+        rng = np.random.default_rng(0)
+        X, Xt = rng.normal(size=(nA, 3)), rng.normal(size=(max(24, n_test), 3))
+        y = np.sin(X[:, :1])
+        joint = jax.block_until_ready(nlo_trained_coefficients(spec, X, y, Xt[:24] + 1e-3))  # compile
+        t = time.perf_counter()
+        joint = jax.block_until_ready(nlo_trained_coefficients(spec, X, y, Xt[:24]))
+        t_joint = time.perf_counter() - t
+        times = []
+        for shift in (1e-3, 0.0):  # cold (compilation included), then warm on the inputs of the baseline
+            t = time.perf_counter()
+            m = jax.block_until_ready(nlo_trained_marginals(spec, X, y, Xt[:24] + shift, batch_size=24))
+            times.append(time.perf_counter() - t)
+        d1 = rel(m.mean1, joint.mean1)
+        d2 = rel(m.cov1[:, 0, 0], np.diag(np.asarray(joint.cov1)))
+        print(
+            f"| {nA} + 24 | {t_joint:.2f} s | {times[0]:.2f} s | {times[1]:.2f} s | {times[1] / 24:.3f} s "
+            f"| {t_joint / times[1]:.2f}x | {d1:.1e} / {d2:.1e} | {peak_gib():.2f} |",
+            flush=True,
+        )
+        if n_test > 24:
+            t = time.perf_counter()
+            m = jax.block_until_ready(nlo_trained_marginals(spec, X, y, Xt[:n_test], progress=True))
+            dt = time.perf_counter() - t
+            finite = bool(np.all(np.isfinite(np.asarray(m.cov1))))
+            print(
+                f"| {nA} + {n_test} | (N⁴: not run) | | {dt:.1f} s | {dt / n_test:.3f} s | | finite: {finite} "
+                f"| {peak_gib():.2f} |",
+                flush=True,
+            )
     print(f"\nload average at the end {os.getloadavg()}")
 
 
