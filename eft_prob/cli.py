@@ -1126,10 +1126,13 @@ def _stages(log: _Log, cfg: Config, data: Data, sizes: dict, th: dict, ck, runne
             )
             mine.update(g)
         if "training" in comps:
+            part = ck.partial_file("trained_theory" + sfx) if ck is not None else None
 
-            def trained_theory(spec=spec):
+            def trained_theory(spec=spec, part=part):
                 key = jax.random.key(cfg["training"]["seed"] + 1000)
-                g, why = runner.trained_theory(spec, data.X, data.y, data.X_test, lr, steps, key, draws)
+                g, why = runner.trained_theory(
+                    spec, data.X, data.y, data.X_test, lr, steps, key, draws, checkpoint=part, progress=progress
+                )
                 return {f"trained_theory_{k}": v for k, v in g.items()}, {
                     "unavailable": {f"trained_theory_{k}": v for k, v in why.items()}
                 }

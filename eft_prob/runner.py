@@ -129,6 +129,10 @@ class Checkpoints:
     def train_dir(self, stage: str) -> str:
         return os.path.join(self.path, stage + ".chunks")
 
+    def partial_file(self, stage: str) -> str:
+        """Where a stage that checkpoints its own progress (one .npz file) keeps it."""
+        return os.path.join(self.path, stage + ".partial.npz")
+
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
 
@@ -201,13 +205,21 @@ def prior_theory(spec, X_test, key, num_samples: int) -> dict[str, xr.Dataset]:
     return {"order0": g0, "order1": g1}
 
 
-def trained_theory(spec, X, y, X_test, lr, steps, key, num_samples: int):
+def trained_theory(spec, X, y, X_test, lr, steps, key, num_samples: int, *, checkpoint=None, progress=False):
     """GD-trained outputs after ``steps`` steps: order 0 (frozen NTK) and order 1 (O(1/n)).
+
+    Order 1 is the joint O(1/n) Gaussian over all test inputs up to 32 inputs in all; above that,
+    whose joint statistics cost (N_A + N_B)⁴, it is built one test input at a time from
+    :func:`eft_prob.theory.nlo_trained_marginals` (cost linear in N_B; ``checkpoint``, an ``.npz``
+    path, makes it resumable, ``progress`` prints a line per batch): draws are then independent
+    across test inputs and the group's attrs say ``marginal = 1``, as for the prior's order 1.
+    The comparisons use only each test input's moments, which both forms give exactly.
 
     Returns (groups, reasons): a reason string replaces a group that cannot be computed (order 1
     needs a smooth activation).
     """
     from .theory import nlo_trained_moments
+    from .theory.training import _DENSE_TRAINED_MAX
 
     shape = (X_test.shape[0], spec.output_dim)
     groups, reasons = {}, {}
@@ -215,20 +227,43 @@ def trained_theory(spec, X, y, X_test, lr, steps, key, num_samples: int):
         TrainedNetwork(spec, X, y, X_test, lr, steps), shape, jax.random.fold_in(key, 0), num_samples
     )
     try:
+        if X.shape[0] + X_test.shape[0] > _DENSE_TRAINED_MAX:
+            g = _trained_marginal_group(spec, X, y, X_test, lr, steps, checkpoint, progress)
+            groups["order1"] = _theory_group(g, shape, jax.random.fold_in(key, 1), num_samples)
+            groups["order1"].attrs.update(
+                marginal=1, distribution="O(1/n) trained Gaussian, one test input at a time (nlo_trained_marginals)"
+            )
+            return groups, reasons
         try:
             d1 = TrainedNetwork(spec, X, y, X_test, lr, steps, order=1)
         except NotImplementedError:  # TrainedNetwork(order=1) not in this version: the same moments
             m = nlo_trained_moments(spec, X, y, X_test, lr, steps)
-            cov = _np(m.cov)
-            cov = (cov + cov.T) / 2
-            w, U = np.linalg.eigh(cov)
-            scale = max(float(np.max(np.abs(w))), 1e-300)
-            cov = (U * np.maximum(w, 1e-12 * scale)) @ U.T  # the truncated O(1/n) covariance, made PSD
-            d1 = CoupledGaussian(_np(m.mean), np.linalg.cholesky(cov))
+            d1 = CoupledGaussian(_np(m.mean), _psd_cholesky(_np(m.cov)))
         groups["order1"] = _theory_group(d1, shape, jax.random.fold_in(key, 1), num_samples)
     except (ValueError, NotImplementedError) as e:
         reasons["order1"] = _one_line(e)
     return groups, reasons
+
+
+def _psd_cholesky(cov: np.ndarray) -> np.ndarray:
+    """Cholesky factor of the truncated O(1/n) covariance, its eigenvalues clipped at 1e-12·max."""
+    cov = (cov + cov.T) / 2
+    w, U = np.linalg.eigh(cov)
+    scale = max(float(np.max(np.abs(w))), 1e-300)
+    return np.linalg.cholesky((U * np.maximum(w, 1e-12 * scale)) @ U.T)
+
+
+def _trained_marginal_group(spec, X, y, X_test, lr, steps, checkpoint, progress) -> CoupledGaussian:
+    """The O(1/n) trained Gaussian of every test input, independent across them (block-diagonal)."""
+    from .theory import nlo_trained_marginals
+
+    m = nlo_trained_marginals(spec, X, y, X_test, lr, steps, progress=progress, checkpoint=checkpoint).at()
+    blocks = [_psd_cholesky(c) for c in _np(m.cov)]
+    nB, nL = len(blocks), spec.output_dim
+    L = np.zeros((nB * nL, nB * nL))
+    for b, c in enumerate(blocks):
+        L[b * nL : (b + 1) * nL, b * nL : (b + 1) * nL] = c
+    return CoupledGaussian(_np(m.mean), L)
 
 
 def bayes_theory(spec, X, y, X_test, noise_var, key, num_samples: int, y_test=None):

@@ -514,3 +514,28 @@ def test_criticality_subcommand_errors_exit_2(argv, names, capsys):
     line = _one_line_error(capsys)
     for name in names:
         assert name in line
+
+
+def test_trained_theory_above_32_inputs_is_built_one_test_input_at_a_time(tmp_path):
+    # 3 + 30 inputs: the joint O(1/n) statistics would cost (N_A + N_B)⁴; the main job's order-1
+    # group comes from nlo_trained_marginals instead, with the same per-test-input moments.
+    import eft_prob as ep
+    from eft_prob import runner
+    from eft_prob.theory import nlo_trained_coefficients, nlo_trained_marginals
+
+    spec = ep.MLPSpec(1, (16, 16), 1, "tanh", C_b=0.1, C_W=1.2)
+    X = np.array([[-1.0], [0.1], [1.0]])
+    y = np.sin(2 * X)
+    Xt = np.linspace(-1.5, 1.5, 30)[:, None]
+    path = tmp_path / "trained.partial.npz"
+    groups, reasons = runner.trained_theory(spec, X, y, Xt, 0.2, 20, jax.random.key(0), 64, checkpoint=str(path))
+    assert reasons == {} and path.exists()
+    g1 = groups["order1"]
+    assert g1.attrs["marginal"] == 1
+    want = nlo_trained_marginals(spec, X, y, Xt, 0.2, 20).at()
+    got = lambda v: np.asarray(g1[v].transpose("test_point", "output").values)
+    np.testing.assert_allclose(got("mean"), np.asarray(want.mean), rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(got("variance"), np.asarray(want.variance), rtol=1e-10)
+    joint = nlo_trained_coefficients(spec, X, y, Xt[:4], 0.2, 20).at()  # the first four test inputs jointly
+    np.testing.assert_allclose(got("variance")[:4, 0], np.diag(np.asarray(joint.cov)), rtol=1e-9)
+    np.testing.assert_allclose(got("mean")[:4], np.asarray(joint.mean), rtol=1e-9, atol=1e-14)
