@@ -479,6 +479,12 @@ def _fingerprint_fields(spec, X, y, X_test, M, eta, steps, key, dtype) -> dict:
     }
 
 
+def _fields_diff(stored: dict, now: dict) -> str:
+    """The arguments whose fingerprint fields differ, as "name: stored X, now Y; ..."."""
+    diff = [k for k in sorted(set(stored) | set(now)) if stored.get(k) != now.get(k)]
+    return "; ".join(f"{k}: stored {stored.get(k)!r}, now {now.get(k)!r}" for k in diff)
+
+
 def _atomic_write(path: str, write) -> None:
     """Write through a temporary file in the same directory and ``os.replace`` it into place, so a
     crash leaves either the old file or the complete new one, never a partial file."""
@@ -519,10 +525,7 @@ class _Checkpoint:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"checkpoint manifest {path!r} is unreadable ({e}); delete the directory.") from None
         if man.get("fingerprint") != self.digest:
-            diff = [
-                k for k in sorted(set(stored_fields) | set(self.fields)) if stored_fields.get(k) != self.fields.get(k)
-            ]
-            detail = "; ".join(f"{k}: stored {stored_fields.get(k)!r}, now {self.fields.get(k)!r}" for k in diff)
+            detail = _fields_diff(stored_fields, self.fields)
             raise ValueError(
                 f"checkpoint directory {self.dir!r} belongs to a run with different arguments ({detail}). "
                 "Results of different runs are never mixed: pass the original arguments to resume, "

@@ -518,7 +518,6 @@ class NLOTrainedMarginals(NamedTuple):
         return TrainedMarginals(self.mean0 + self.mean1 / n, (cov + jnp.swapaxes(cov, 1, 2)) / 2)
 
 
-_MARGINAL_INPUTS = 32  # default batch: N_A + batch_size inputs per dense pass (as _DENSE_TRAINED_MAX)
 _MARGINAL_FORMAT = "eft_prob.theory.nlo_trained_marginals/1"
 _MARGINAL_FIELDS = ("mean0", "cov0", "mean1", "cov1")
 
@@ -564,10 +563,11 @@ class _MarginalCheckpoint:
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
             raise ValueError(f"checkpoint {self.path!r} is unreadable ({e}); {fix}.") from None
         if digest != self.digest:
-            diff = [k for k in sorted(set(stored) | set(self.fields)) if stored.get(k) != self.fields.get(k)]
-            detail = "; ".join(f"{k}: stored {stored.get(k)!r}, now {self.fields.get(k)!r}" for k in diff)
+            from ..ensemble import _fields_diff
+
             raise ValueError(
-                f"checkpoint {self.path!r} belongs to a run with different arguments ({detail}). Pass the "
+                f"checkpoint {self.path!r} belongs to a run with different arguments "
+                f"({_fields_diff(stored, self.fields)}). Pass the "
                 f"original arguments to resume, or a new path; {fix}."
             )
         for k, shape in shapes.items():
@@ -576,15 +576,10 @@ class _MarginalCheckpoint:
         return done, arrays
 
     def save(self, done: int, arrays: dict) -> None:
-        from .._io import atomic_write
+        from ..ensemble import _atomic_write
 
         meta = {"fingerprint": np.array(self.digest), "arguments": np.array(self.json), "done": np.array(done)}
-
-        def write(tmp):
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays, **meta)
-
-        atomic_write(self.path, write, fsync=True)
+        _atomic_write(self.path, lambda f: np.savez(f, **arrays, **meta))
 
 
 #: test hook, called as ``_after_batch_hook(batch_index)`` after each computed batch is stored
@@ -607,7 +602,7 @@ def _marginal_fields(spec, X, y, X_test, learning_rate, steps, batch_size) -> di
 
 
 def _warn_marginal_cost(n_train: int, batch: int) -> None:
-    if n_train + batch > _MARGINAL_INPUTS:
+    if n_train + batch > _DENSE_TRAINED_MAX:
         warn(
             f"nlo_trained_marginals with {n_train} training inputs and batch_size={batch} makes dense passes over "
             f"{n_train + batch} inputs, whose time and memory grow like (N_A + batch_size)⁴, and each test input "
@@ -668,7 +663,7 @@ def nlo_trained_marginals(
     nA, nB, nL = X.shape[0], X_test.shape[0], y.shape[1]
     steps = _check_trained(spec, learning_rate, steps, output_kernels(spec, X)[1])
     if batch_size is None:
-        batch_size = max(1, _MARGINAL_INPUTS - nA)
+        batch_size = max(1, _DENSE_TRAINED_MAX - nA)
     batch_size = min(_check_count("batch_size", batch_size), nB)
     if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
         raise ValueError(f"checkpoint must be a file path or None, got {checkpoint!r}.")
@@ -682,12 +677,12 @@ def nlo_trained_marginals(
     Xp = jnp.concatenate([X_test, jnp.broadcast_to(X_test[-1:], (pad, X_test.shape[1]))]) if pad else X_test
     shapes = {"mean0": (n_batches * batch_size, nL), "cov0": (n_batches * batch_size, nL, nL)}
     shapes.update(mean1=shapes["mean0"], cov1=shapes["cov0"])
-    ck = done = stored = None
+    ck, done, out = None, 0, None
     if checkpoint is not None:
         ck = _MarginalCheckpoint(checkpoint, _marginal_fields(spec, X, y, X_test, learning_rate, steps, batch_size))
-        done, stored = ck.load(shapes)
-    done = done or 0
-    out = stored if stored is not None else ({k: np.zeros(s) for k, s in shapes.items()} if concrete else None)
+        done, out = ck.load(shapes)
+    if out is None and concrete:
+        out = {k: np.zeros(s) for k, s in shapes.items()}
     pieces = []
     fn = _nlo_parts_jit if concrete else _nlo_parts
     bar = _BatchProgress(progress, n_batches, nB, batch_size, done, checkpoint)
