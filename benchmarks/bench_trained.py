@@ -21,7 +21,10 @@ Usage: ``PYTHONPATH=. python benchmarks/bench_trained.py [--large] [--activation
 same network).  The baseline is the joint ``nlo_trained_coefficients`` on N_A + 24 inputs (its
 practical limit), whose diagonal blocks the marginals must equal; then the marginals alone for
 N_A + N_TEST inputs (default 8 + 992 = 1000: about 7 minutes; warm: same batch shape as the
-baseline row), with the time per test input.
+baseline row), with the time per test input.  ``--depth L`` (default 3) sets the number of layers
+(hidden width 64), ``--batch-size`` the marginals' ``batch_size`` (default: the library's, 32 − N_A),
+and ``--no-baseline`` skips the N_A + 24 rows: the N_TEST row then includes the compilation and is
+printed in the cold column (e.g. ``--marginals 992 --depth 10 --no-baseline`` on a GPU).
 """
 
 from __future__ import annotations
@@ -64,9 +67,12 @@ def main() -> None:
     p.add_argument("--activations", nargs="+", default=["tanh", "gelu"], choices=["tanh", "gelu"])
     p.add_argument("--marginals", nargs="?", type=int, const=992, default=None, metavar="N_TEST")
     p.add_argument("--n-train", type=int, nargs="+", default=[8], help="N_A for --marginals")
+    p.add_argument("--depth", type=int, default=3, help="--marginals: number of layers L (default 3)")
+    p.add_argument("--batch-size", type=int, default=None, help="--marginals: batch_size of the N_TEST run")
+    p.add_argument("--no-baseline", action="store_true", help="--marginals: skip the joint baseline rows")
     args = p.parse_args()
     if args.marginals is not None:
-        return marginals(args.marginals, args.n_train)
+        return marginals(args.marginals, args.n_train, args.depth, args.batch_size, not args.no_baseline)
     sizes = [(4, 5), (8, 8)] + ([(16, 16)] if args.large else [])
     print(f"# jax {jax.__version__}, backend {jax.default_backend()}, load average {os.getloadavg()}\n")
     print(
@@ -96,23 +102,29 @@ def main() -> None:
     print(f"\nload average at the end {os.getloadavg()}")
 
 
-def marginals(n_test: int, n_trains) -> None:
+def marginals(n_test: int, n_trains, depth: int = 3, batch_size=None, baseline: bool = True) -> None:
     """Joint (baseline) vs per-test-input marginals on N_A + 24 inputs, then the marginals on N_A + n_test."""
     from eft_prob.theory.training import nlo_trained_marginals
 
-    print(f"# jax {jax.__version__}, backend {jax.default_backend()}, load average {os.getloadavg()}\n")
+    print(
+        f"# jax {jax.__version__}, backend {jax.default_backend()} ({jax.devices()[0].device_kind}), "
+        f"depth {depth}, batch_size {batch_size or 'default'}, load average {os.getloadavg()}\n"
+    )
     print(
         "| N_A + N_B | joint (baseline) warm | marginals cold | marginals warm | per test input | ratio "
         "| max rel. diff. of mean1 / cov1 blocks | peak RSS GiB |"
     )
     print("|---|---|---|---|---|---|---|---|")
     warnings.simplefilter("ignore", ep.CostWarning)
-    spec = ep.MLPSpec.at_criticality(3, (64, 64), 1, "tanh")
+    spec = ep.MLPSpec.at_criticality(3, (64,) * (depth - 1), 1, "tanh")  # input dim 3, L = depth
     rel = lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
     for nA in n_trains:
         rng = np.random.default_rng(0)
         X, Xt = rng.normal(size=(nA, 3)), rng.normal(size=(max(24, n_test), 3))
         y = np.sin(X[:, :1])
+        if not baseline:
+            run_many(spec, X, y, Xt, nA, n_test, batch_size, cold=True)
+            continue
         joint = jax.block_until_ready(nlo_trained_coefficients(spec, X, y, Xt[:24] + 1e-3))  # compile
         t = time.perf_counter()
         joint = jax.block_until_ready(nlo_trained_coefficients(spec, X, y, Xt[:24]))
@@ -130,16 +142,24 @@ def marginals(n_test: int, n_trains) -> None:
             flush=True,
         )
         if n_test > 24:
-            t = time.perf_counter()
-            m = jax.block_until_ready(nlo_trained_marginals(spec, X, y, Xt[:n_test], progress=True))
-            dt = time.perf_counter() - t
-            finite = bool(np.all(np.isfinite(np.asarray(m.cov1))))
-            print(
-                f"| {nA} + {n_test} | (N⁴: not run) | | {dt:.1f} s | {dt / n_test:.3f} s | | finite: {finite} "
-                f"| {peak_gib():.2f} |",
-                flush=True,
-            )
+            run_many(spec, X, y, Xt, nA, n_test, batch_size, cold=False)
     print(f"\nload average at the end {os.getloadavg()}")
+
+
+def run_many(spec, X, y, Xt, nA: int, n_test: int, batch_size, cold: bool) -> None:
+    """The marginals alone on N_A + n_test inputs, one row (``cold``: nothing compiled before)."""
+    from eft_prob.theory.training import nlo_trained_marginals
+
+    t = time.perf_counter()
+    m = jax.block_until_ready(nlo_trained_marginals(spec, X, y, Xt[:n_test], batch_size=batch_size, progress=True))
+    dt = time.perf_counter() - t
+    finite = bool(np.all(np.isfinite(np.asarray(m.cov1))))
+    print(
+        f"| {nA} + {n_test} | (N⁴: not run) | {f'{dt:.1f} s | |' if cold else f'| {dt:.1f} s |'} "
+        f"{dt / n_test:.3f} s | | finite: {finite} "
+        f"| {peak_gib():.2f} |",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":
