@@ -276,10 +276,11 @@ def test_odd_activations_use_half_of_the_nested_grid(monkeypatch):
     out = {}
     for half in (True, False):
         monkeypatch.setattr(ns, "_HALF_GRID", half)
+        # compiled (a fresh trace per setting of _HALF_GRID): eager evaluation took a minute
         out[half] = (
-            _np(ns._moment_tables(spec.activation, K, 3, False, nodes, None)),
-            _np(ns._moment_tables(spec.activation, K, 3, False, nodes, (3, (3, 3, 2)))),
-            _np(ns._pair_moments(spec.activation, K, 5, False, nodes[2])),
+            _np(jax.jit(lambda K: ns._moment_tables(spec.activation, K, 3, False, nodes, None))(K)),
+            _np(jax.jit(lambda K: ns._moment_tables(spec.activation, K, 3, False, nodes, (3, (3, 3, 2))))(K)),
+            _np(jax.jit(lambda K: ns._pair_moments(spec.activation, K, 5, False, nodes[2]))(K)),
         )
     for a, b in zip(out[True], out[False]):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-14 * np.abs(b).max())
