@@ -170,18 +170,27 @@ def _table_layout(N: int, P: int, restrict):
     ``restrict`` every subset gets order P.  With ``restrict = (n_first, orders)``, a subset with
     k inputs of index >= n_first (test inputs) gets order ``orders[k]`` (-1: no table), so that a
     caller needing only entries with few test indices skips the rest (the recursions are closed on
-    index subsets: an entry depends only on entries whose inputs are among its own).
+    index subsets: an entry depends only on entries whose inputs are among its own).  The groups
+    then run by k first: for each m the first group (if ``orders[0] >= 0`` and n_first >= m) holds
+    the subsets of inputs < n_first alone, in the order and at the level of
+    ``_table_layout(n_first, orders[0], None)[m]``, so their tables can be computed once and shared
+    (:func:`_shared_tables`) by passes that differ only in the inputs >= n_first.
     """
     layout = {}
     for m in range(1, min(4, N) + 1):
         subsets = np.array(list(itertools.combinations(range(N), m)), dtype=np.int32).reshape(-1, m)
         if restrict is None:
-            levels = np.full(len(subsets), P)
-        else:
-            n_first, orders = restrict
-            k = np.sum(subsets >= n_first, axis=1)
-            levels = np.array([orders[i] if i < len(orders) else -1 for i in k])
-        layout[m] = [(int(q), subsets[levels == q]) for q in sorted(set(levels.tolist())) if q >= 0]
+            layout[m] = [(P, subsets)]
+            continue
+        n_first, orders = restrict
+        k = np.sum(subsets >= n_first, axis=1)
+        levels = np.array([orders[i] if i < len(orders) else -1 for i in k])
+        layout[m] = [
+            (int(q), subsets[(k == i) & (levels == q)])
+            for i in sorted(set(k.tolist()))
+            for q in sorted(set(levels[k == i].tolist()))
+            if q >= 0
+        ]
     return layout
 
 
@@ -229,20 +238,58 @@ def _odd_smooth(act, kinked: bool) -> bool:
 _HALF_GRID = True
 
 
-def _moment_tables(act, K, P, kinked, nodes, restrict):
-    """All subset tables of products of σ, ..., σ^(P), concatenated, plus a trailing zero."""
+def _moment_tables(act, K, P, kinked, nodes, restrict, shared=None):
+    """All subset tables of products of σ, ..., σ^(P), concatenated, plus a trailing zero.
+
+    ``shared`` (with ``restrict``): {m: the tables of the first group of m-subsets, those of inputs
+    < n_first alone}, computed once by :func:`_shared_tables` and used instead of recomputing them.
+    """
     fns = _derivative_fns(act, P)
     odd = _odd_smooth(act, kinked)
     parts = []
     for m, groups in _table_layout(K.shape[0], P, restrict).items():
-        n = nodes[m]
-        for q, subsets in groups:
-            basis = _basis(q, 5 - m)
-            K_sub = K[subsets[:, :, None], subsets[:, None, :]]
-            evals = [_basis_eval(fns[: q + 1], basis)] * m
-            parity = [(-1) ** sum(p + 1 for p in t) for t in basis] if odd else None
-            parts.append(_chunked_tables(K_sub, evals, kinked, n, len(basis) * n**m, parity).reshape(-1))
+        for i, (q, subsets) in enumerate(groups):
+            if i == 0 and shared is not None and m in shared:
+                parts.append(shared[m])
+            else:
+                parts.append(_group_tables(fns[: q + 1], K, subsets, kinked, nodes[m], odd))
     return jnp.concatenate([*parts, jnp.zeros(1, K.dtype)])
+
+
+def _group_tables(fns, K, subsets, kinked: bool, n: int, odd: bool):
+    """Flat tables of one layout group: products of ``fns`` (σ, ..., σ^(q)) on each subset's inputs."""
+    m = subsets.shape[1]
+    basis = _basis(len(fns) - 1, 5 - m)
+    K_sub = K[subsets[:, :, None], subsets[:, None, :]]
+    evals = [_basis_eval(fns, basis)] * m
+    parity = [(-1) ** sum(p + 1 for p in t) for t in basis] if odd else None
+    return _chunked_tables(K_sub, evals, kinked, n, len(basis) * n**m, parity).reshape(-1)
+
+
+def _shared_tables(spec: MLPSpec, X_first, level: int, nodes):
+    """Per-layer tables of the subsets of ``X_first`` alone, for ``_stack(..., shared=...)``.
+
+    {m: (L-1, size)}: at every layer step ℓ -> ℓ+1 the tables of the m-subsets of the inputs
+    ``X_first`` at derivative order ``level``, from the layer-ℓ kernel of those inputs (the kernel
+    recursion is closed on them).  A pass over X_first followed by other inputs, restricted with
+    n_first = len(X_first) and orders[0] = level, then skips these tables; computing them once
+    serves every batch of the other inputs.
+    """
+    act, kinked = spec.activation, spec.activation.kinked
+    nodes = dict(nodes)
+    fns, odd = _derivative_fns(act, level), _odd_smooth(act, kinked)
+    K1, _ = _first_layer(spec, X_first)
+    hyper = tuple(spec.layer_values(k, K1.dtype)[1:] for k in ("C_b", "C_W"))
+    layout = _table_layout(K1.shape[0], level, None)
+
+    def step(K, h):
+        C_b, C_W = h
+        tables = {m: _group_tables(fns, K, groups[0][1], kinked, nodes[m], odd) for m, groups in layout.items()}
+        ss, _ = gauss.sigma_moments(act, K)
+        return C_b + C_W * ss, tables  # the kernel recursion of _layer_step
+
+    _, tables = jax.lax.scan(step, K1, hyper)
+    return tables
 
 
 def _four_point(tables, N, P, restrict, combo):
@@ -398,7 +445,7 @@ def _zeros_state(K1, T1, derivatives):
     return st
 
 
-def _layer_step(act, st, hyper, derivatives: bool, nodes, restrict=None):
+def _layer_step(act, st, hyper, derivatives: bool, nodes, restrict=None, shared=None):
     """One step ℓ -> ℓ+1 of every recursion (THEORY.md §3.5, §6.2–6.5, §9.3–9.4)."""
     C_b, C_W, l_b, l_W, r = hyper
     K, Th = st["K"], st["Theta"]
@@ -423,7 +470,7 @@ def _layer_step(act, st, hyper, derivatives: bool, nodes, restrict=None):
         D2 = _smooth_pair(M, dd, 1)
         e20, e31, e22 = M[2, 0], M[3, 1], M[2, 2]
 
-    tables = _moment_tables(act, K, P, kinked, nodes, restrict)
+    tables = _moment_tables(act, K, P, kinked, nodes, restrict, shared)
     E = functools.partial(_four_point, tables, N, P, restrict)
     E0000, E1100, E1111 = E((0, 0, 0, 0)), E((1, 1, 0, 0)), E((1, 1, 1, 1))
 
@@ -591,8 +638,12 @@ def _canonical(spec: MLPSpec) -> MLPSpec:
     return spec.replace(hidden=(1,) * len(spec.hidden), output_dim=1)
 
 
-def _stack(spec: MLPSpec, X, ratios, *, derivatives: bool, all_layers: bool, nodes, restrict=None):
-    """Run every recursion; ``ratios`` = _width_ratios of the actual spec (``spec`` may be canonical)."""
+def _stack(spec: MLPSpec, X, ratios, *, derivatives: bool, all_layers: bool, nodes, restrict=None, shared=None):
+    """Run every recursion; ``ratios`` = _width_ratios of the actual spec (``spec`` may be canonical).
+
+    ``shared``: :func:`_shared_tables` of the first ``restrict[0]`` inputs at level ``restrict[1][0]``
+    (the same nodes), used at every layer instead of recomputing those tables.
+    """
     act = spec.activation
     K1, T1 = _first_layer(spec, X)
     st = _zeros_state(K1, T1, derivatives)
@@ -601,17 +652,19 @@ def _stack(spec: MLPSpec, X, ratios, *, derivatives: bool, all_layers: bool, nod
     names = ("C_b", "C_W", "lambda_b", "lambda_W")
     hyper = (*(spec.layer_values(k, K1.dtype)[1:] for k in names), jnp.asarray(ratios, K1.dtype))
 
-    def step(carry, h):
-        nxt = _layer_step(act, carry, h, derivatives, dict(nodes), restrict)
+    def step(carry, xs):
+        h, sh = xs
+        nxt = _layer_step(act, carry, h, derivatives, dict(nodes), restrict, sh)
         return nxt, (nxt if all_layers else None)
 
-    last, ys = jax.lax.scan(step, st, hyper)
+    last, ys = jax.lax.scan(step, st, (hyper, shared))
     if all_layers:
         return jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[None], b]), st, ys)
     return last
 
 
 _stack_jit = jax.jit(_stack, static_argnames=("derivatives", "all_layers", "nodes", "restrict"))
+_shared_tables_jit = jax.jit(_shared_tables, static_argnames=("level", "nodes"))
 
 
 class NTKStatistics(NamedTuple):

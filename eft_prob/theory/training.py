@@ -407,22 +407,33 @@ def _warn_cost(n_train: int, n_test: int) -> None:
         )
 
 
-def _trained_statistics(spec, X_all, nA, orders=(3, 3, 2)):
+def _trained_statistics(spec, X_all, nA, orders=(3, 3, 2), shared=None):
     """NTK statistics on A ∪ B, only the entries the trained moments use: a subset of inputs with k
     test inputs gets derivative order ``orders[k]`` (-1: none; see ntk_stats._table_layout).  The
     joint moments need <= 2 test indices (<= 1 for R, S, T, U): (3, 3, 2); the per-test-input
-    marginals only entries whose test indices are all one input: (3, 3, -1)."""
+    marginals only entries whose test indices are all one input: (3, 3, -1).  ``shared``: the
+    training-only tables of :func:`_training_tables` (the same for every batch of test inputs)."""
     from .ntk_stats import _NODES, _STATS, NTKStatistics, _canonical, _stack, _stack_jit, _width_ratios
 
-    kw = dict(
-        derivatives=True, all_layers=False, nodes=tuple(sorted(_NODES[False].items())), restrict=(nA, tuple(orders))
-    )
+    nodes = tuple(sorted(_NODES[False].items()))
+    kw = dict(derivatives=True, all_layers=False, nodes=nodes, restrict=(nA, tuple(orders)), shared=shared)
     ratios = _width_ratios(spec, X_all.dtype)
-    if is_concrete(spec, X_all):
+    if is_concrete(spec, X_all, shared):
         raw = _stack_jit(_canonical(spec), X_all, ratios, **kw)
     else:
         raw = _stack(spec, X_all, ratios, **kw)
     return NTKStatistics(**{k: raw[k] for k in _STATS}, width=spec.widths[-2])
+
+
+def _training_tables(spec, X, level=3):
+    """The four-point tables of the training inputs alone at every layer, computed once for all
+    batches of test inputs (ntk_stats._shared_tables)."""
+    from .ntk_stats import _NODES, _canonical, _shared_tables, _shared_tables_jit
+
+    nodes = tuple(sorted(_NODES[False].items()))
+    if is_concrete(spec, X):
+        return _shared_tables_jit(_canonical(spec), X, level=level, nodes=nodes)
+    return _shared_tables(spec, X, level, nodes)
 
 
 def _check_trained(spec, learning_rate, steps, T_AA):
@@ -631,8 +642,9 @@ def nlo_trained_marginals(
     The formulas of :func:`nlo_trained_coefficients` (same arguments and conventions), restricted to
     what the moments of one test input need: statistics whose test indices are all that input.
     Test inputs are processed ``batch_size`` at a time, each batch in one dense pass over
-    N_A + batch_size inputs with the entries that mix two test inputs skipped; the training-only
-    tables are recomputed per batch.  The cost is linear in N_B (instead of the joint path's
+    N_A + batch_size inputs with the entries that mix two test inputs skipped; the Gaussian tables
+    of the training inputs alone (C(N_A, 4) four-input tables per layer) are computed once and
+    shared by all batches.  The cost is linear in N_B (instead of the joint path's
     (N_A + N_B)⁴) and grows like N_A³ per test input, so this suits a few to ~20 training inputs
     and thousands of test inputs (benchmarks/bench_trained.py --marginals).
 
@@ -690,9 +702,10 @@ def nlo_trained_marginals(
     pieces = []
     fn = _nlo_parts_jit if concrete else _nlo_parts
     bar = _BatchProgress(progress, n_batches, nB, batch_size, done, checkpoint)
+    shared = _training_tables(spec, X) if done < n_batches else None  # once, not per batch
     for i in range(done, n_batches):
         sl = slice(i * batch_size, (i + 1) * batch_size)
-        st = _trained_statistics(spec, jnp.concatenate([X, Xp[sl]]), nA, orders=(3, 3, -1))
+        st = _trained_statistics(spec, jnp.concatenate([X, Xp[sl]]), nA, orders=(3, 3, -1), shared=shared)
         res = _diagonal_blocks(fn(st, y, learning_rate, nA=nA, steps=steps), nL)
         if not concrete:
             pieces.append(res)

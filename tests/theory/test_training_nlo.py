@@ -354,6 +354,32 @@ def test_marginals_are_the_diagonal_blocks_of_the_joint_moments(eta, steps):
     assert np.abs(np.asarray(m.cov1)[:, 0, 1]).max() > 1e-3 * np.abs(np.asarray(m.cov1)).max()
 
 
+def test_marginals_compute_the_training_tables_once(monkeypatch):
+    """The Gaussian tables of the training inputs alone are computed once and shared by every batch:
+    the statistics equal those of a pass that computes them itself, and the shared ones are used."""
+    from eft_prob.theory import training
+    from eft_prob.theory.ntk_stats import _STATS
+
+    spec = _spec(1)
+    X = np.concatenate([XA, XT5[3:]])  # 5 training inputs: five four-input training-only tables
+    X_all = jnp.concatenate([jnp.asarray(X), jnp.asarray(XT5[:1])])
+    shared = training._training_tables(spec, jnp.asarray(X))
+    assert sorted(shared) == [1, 2, 3, 4] and all(v.shape[0] == spec.depth - 1 for v in shared.values())
+    own = training._trained_statistics(spec, X_all, 5, orders=(3, 3, -1))
+    used = training._trained_statistics(spec, X_all, 5, orders=(3, 3, -1), shared=shared)
+    doubled = {m: 2 * v for m, v in shared.items()}
+    wrong = training._trained_statistics(spec, X_all, 5, orders=(3, 3, -1), shared=doubled)
+    for k in _STATS:
+        a, b = np.asarray(getattr(own, k)), np.asarray(getattr(used, k))
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-13 * np.abs(a).max(), err_msg=k)
+    assert not np.allclose(np.asarray(wrong.A), np.asarray(own.A))
+    calls = []
+    monkeypatch.setattr(training, "_training_tables", lambda *a: calls.append(1) or shared)
+    y = np.sin(X[:, :1])
+    m = nlo_trained_marginals(spec, X, y, XT5[:3], 0.3, batch_size=1)
+    assert len(calls) == 1 and np.all(np.isfinite(m.cov1))
+
+
 def test_marginals_under_jit():
     spec = _spec(1)
     y = YA[:, :1]
