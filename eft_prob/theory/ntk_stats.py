@@ -56,7 +56,7 @@ from .. import gauss
 from .._config import float64_theory, is_concrete
 from .._validate import check_inputs
 from ..spec import MLPSpec
-from .kernels import _first_layer
+from .kernels import _first_layer, _kernel_stack
 from .vertex import _grad_hess, _partials
 
 __all__ = ["NTKStatistics", "ntk_statistics"]
@@ -68,6 +68,11 @@ __all__ = ["NTKStatistics", "ntk_statistics"]
 _NODES = {False: {1: 96, 2: 56, 3: 32, 4: 24}, True: {1: 64, 2: 32, 3: 20, 4: 16}}
 _MAX_ELEMS = 2_000_000  # grid points times functions per quadrature chunk
 _PAIR_ORDER = 5  # pair moments ⟨σ^(p)_a σ^(q)_b⟩ with p, q <= 5 (Hessian of ⟨σ'σ'⟩ needs σ^(5))
+
+
+def _nodes_key(kinked: bool) -> tuple:
+    """_NODES[kinked] as a hashable (static) argument of the compiled recursions."""
+    return tuple(sorted(_NODES[kinked].items()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,7 +254,10 @@ def _moment_tables(act, K, P, kinked, nodes, restrict, shared=None):
     parts = []
     for m, groups in _table_layout(K.shape[0], P, restrict).items():
         for i, (q, subsets) in enumerate(groups):
-            if i == 0 and shared is not None and m in shared:
+            if i == 0 and shared is not None and m in shared and subsets.max() < restrict[0]:
+                size = len(subsets) * len(_basis(q, 5 - m)) ** m
+                if shared[m].shape != (size,):
+                    raise ValueError(f"shared tables of {m}-subsets have shape {shared[m].shape}, expected ({size},)")
                 parts.append(shared[m])
             else:
                 parts.append(_group_tables(fns[: q + 1], K, subsets, kinked, nodes[m], odd))
@@ -278,18 +286,11 @@ def _shared_tables(spec: MLPSpec, X_first, level: int, nodes):
     act, kinked = spec.activation, spec.activation.kinked
     nodes = dict(nodes)
     fns, odd = _derivative_fns(act, level), _odd_smooth(act, kinked)
-    K1, _ = _first_layer(spec, X_first)
-    hyper = tuple(spec.layer_values(k, K1.dtype)[1:] for k in ("C_b", "C_W"))
-    layout = _table_layout(K1.shape[0], level, None)
-
-    def step(K, h):
-        C_b, C_W = h
-        tables = {m: _group_tables(fns, K, groups[0][1], kinked, nodes[m], odd) for m, groups in layout.items()}
-        ss, _ = gauss.sigma_moments(act, K)
-        return C_b + C_W * ss, tables  # the kernel recursion of _layer_step
-
-    _, tables = jax.lax.scan(step, K1, hyper)
-    return tables
+    layout = _table_layout(X_first.shape[0], level, None)
+    Ks = _kernel_stack(spec, X_first).nngp[:-1]  # K^(ℓ), ℓ = 1..L-1: the inputs of the L-1 layer steps
+    return jax.lax.map(
+        lambda K: {m: _group_tables(fns, K, groups[0][1], kinked, nodes[m], odd) for m, groups in layout.items()}, Ks
+    )
 
 
 def _four_point(tables, N, P, restrict, combo):
@@ -727,7 +728,7 @@ def ntk_statistics(spec: MLPSpec, X, *, all_layers: bool = False, derivatives: b
     if derivatives is None:
         derivatives = not act.kinked
     _check_activation(act, bool(derivatives))
-    nodes = tuple(sorted(_NODES[act.kinked].items()))
+    nodes = _nodes_key(act.kinked)
     kw = dict(derivatives=bool(derivatives), all_layers=bool(all_layers), nodes=nodes)
     ratios = _width_ratios(spec, X.dtype)
     if is_concrete(spec, X):

@@ -413,9 +413,9 @@ def _trained_statistics(spec, X_all, nA, orders=(3, 3, 2), shared=None):
     joint moments need <= 2 test indices (<= 1 for R, S, T, U): (3, 3, 2); the per-test-input
     marginals only entries whose test indices are all one input: (3, 3, -1).  ``shared``: the
     training-only tables of :func:`_training_tables` (the same for every batch of test inputs)."""
-    from .ntk_stats import _NODES, _STATS, NTKStatistics, _canonical, _stack, _stack_jit, _width_ratios
+    from .ntk_stats import _STATS, NTKStatistics, _canonical, _nodes_key, _stack, _stack_jit, _width_ratios
 
-    nodes = tuple(sorted(_NODES[False].items()))
+    nodes = _nodes_key(False)
     kw = dict(derivatives=True, all_layers=False, nodes=nodes, restrict=(nA, tuple(orders)), shared=shared)
     ratios = _width_ratios(spec, X_all.dtype)
     if is_concrete(spec, X_all, shared):
@@ -428,9 +428,9 @@ def _trained_statistics(spec, X_all, nA, orders=(3, 3, 2), shared=None):
 def _training_tables(spec, X, level=3):
     """The four-point tables of the training inputs alone at every layer, computed once for all
     batches of test inputs (ntk_stats._shared_tables)."""
-    from .ntk_stats import _NODES, _canonical, _shared_tables, _shared_tables_jit
+    from .ntk_stats import _canonical, _nodes_key, _shared_tables, _shared_tables_jit
 
-    nodes = tuple(sorted(_NODES[False].items()))
+    nodes = _nodes_key(False)
     if is_concrete(spec, X):
         return _shared_tables_jit(_canonical(spec), X, level=level, nodes=nodes)
     return _shared_tables(spec, X, level, nodes)
