@@ -770,10 +770,9 @@ class FactoredVertex(NamedTuple):
             acc2 = jnp.zeros_like(V) if with_error else None
             for start in range(0, S, chunk):
                 Y = self.columns(layer, slice(start, start + chunk))
-                prod = jnp.einsum("sab,scd->sabcd", Y, Y) if with_error else None
-                acc = acc + (prod.sum(0) if with_error else jnp.einsum("sab,scd->abcd", Y, Y))
-                if with_error:
-                    acc2 = acc2 + jnp.sum(prod**2, axis=0)
+                acc = acc + jnp.einsum("sab,scd->abcd", Y, Y)
+                if with_error:  # Σ_s (Y_s ⊗ Y_s)² = Σ_s Y_s² ⊗ Y_s²: a matrix product, no (S, N⁴) array
+                    acc2 = acc2 + jnp.einsum("sab,scd->abcd", Y**2, Y**2)
             w = self.weight[layer]
             V = V + w * acc
             if with_error:  # Var of w·Σ_s y_s with i.i.d. y_s: w² (Σ y² - (Σ y)²/S)
@@ -883,9 +882,9 @@ def prior_statistics(
             "leave it out for the default."
         )
     width = spec.widths[-2]
-    if not factored:
-        (K, G, _) = _compute(spec, X, False, False, quadrature, orders)
-        V = four_point_vertex(spec, X, quadrature=quadrature, orders=orders)
+    if not factored:  # one pass: the dense recursion carries K and K^{1} along with V
+        K, G, V = _compute(spec, X, True, False, quadrature, orders)
+        V = _symmetrize_vertex(V)
     else:
         (K, G, _), (K_tr, F_tr, D_tr) = _compute(spec, X, False, False, quadrature, orders, trace=True)
         key = jax.random.PRNGKey(0) if key is None else key
