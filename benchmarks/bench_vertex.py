@@ -17,9 +17,16 @@ Two tables, each measured in this run:
    (``nlo_posterior_moments``, O(S·N_A·N_B²) per layer), cold and warm, its diagonal against the
    marginals of table 2 (the same draws) and its Monte Carlo error.
 
+4. With ``--likelihood``, the order-1 likelihood's inner loop under NUTS: ``jax.jit(jax.value_and_grad)``
+   of the dense ``prior_statistics`` (K, K^{1}, V) in (C_W, C_b) for a few inputs (depth 3, width
+   10, as in notebooks/04), cold (tracing and compilation included) and warm.  The baseline, in the
+   same run, is the two-pass path ``prior_statistics`` used before 2026-11-27 (the K, K^{1}
+   recursion, then a second pass for V); the one-pass path carries K and K^{1} along with V.
+
 The process's peak resident memory is printed after each row (it only grows).
 
-Usage: ``PYTHONPATH=. python benchmarks/bench_vertex.py [--quick] [--activations relu tanh] [--joint]``
+Usage: ``PYTHONPATH=. python benchmarks/bench_vertex.py [--quick] [--activations relu tanh] [--joint]
+[--likelihood]``
 (``--quick``: N = 12 and N = 200).
 """
 
@@ -32,6 +39,7 @@ import time
 import warnings
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 jax.config.update("jax_enable_x64", True)
@@ -113,9 +121,53 @@ def joint(act: str, case) -> None:
     )
 
 
-def main(quick: bool, activations, many_only: bool = False, with_joint: bool = False) -> None:
+def likelihood(act: str, N: int, rng) -> None:
+    """value_and_grad of the dense prior statistics in (C_W, C_b): one pass against two."""
+    from eft_prob.theory.vertex import _compute
+
+    X = rng.normal(size=(N, 2))
+    spec = lambda p: ep.MLPSpec(2, (10, 10), 2, act, C_W=p[0], C_b=p[1])
+    summary = lambda K, K1, V: jnp.sum(K) + jnp.sum(K1) + jnp.sum(V**2)
+
+    def one_pass(p):
+        st = prior_statistics(spec(p), X)
+        return summary(st.K, st.K1, st.V)
+
+    def two_passes(p):  # the former dense path of prior_statistics
+        K, G, _ = _compute(spec(p), X, False, False, False, None)
+        return summary(K, (G + G.T) / 2, four_point_vertex(spec(p), X))
+
+    p0 = jnp.asarray([1.5, 0.2])
+    row = []
+    for fn in (two_passes, one_pass):
+        f = jax.jit(jax.value_and_grad(fn))
+        (v, g), t_cold = timed(f, p0)
+        _, t_warm = timed(f, p0 + 1e-3)
+        t_warm = min(t_warm, timed(f, p0 + 2e-3)[1])
+        row.append((float(v), np.asarray(g), t_cold, t_warm))
+    (v0, g0, c0, w0), (v1, g1, c1, w1) = row
+    rel = max(abs(v1 - v0) / abs(v0), float(np.abs(g1 - g0).max() / np.abs(g0).max()))
+    print(
+        f"| {act} | {N} | {c0:.1f} s | {c1:.1f} s | {c0 / c1:.2f}x | {w0 * 1e3:.1f} ms | {w1 * 1e3:.1f} ms | "
+        f"{w0 / w1:.2f}x | {rel:.0e} | {peak_gib():.2f} |"
+    )
+
+
+def main(quick: bool, activations, many_only: bool = False, with_joint: bool = False, lik: bool = False) -> None:
     rng = np.random.default_rng(0)
     print(f"# jax {jax.__version__}, backend {jax.default_backend()}, load average {os.getloadavg()}\n")
+    if lik:
+        print("## The order-1 likelihood under NUTS: value_and_grad of the dense prior statistics\n")
+        print(
+            "| activation | N | two passes cold | one pass cold | ratio | two passes warm | one pass warm | ratio | "
+            "max rel. difference (value, gradient) | peak RSS GiB |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for act in activations:
+            for N in (2, 4) if quick else (2, 4, 8):
+                likelihood(act, N, rng)
+        print(f"\nload average at the end {os.getloadavg()}")
+        return
     print("## Factored vs dense vertex (depth 4, width 64; posterior terms: 40% training inputs, σ² = 0.01)\n")
     print(
         "| activation | N | dense (exact) | factored | dense/factored | max rel. err. of V | max |err|/s.e. | "
@@ -149,5 +201,6 @@ if __name__ == "__main__":
     p.add_argument("--activations", nargs="+", default=["relu", "tanh"], choices=["relu", "tanh"])
     p.add_argument("--many-only", action="store_true", help="only the second table (e.g. on a GPU)")
     p.add_argument("--joint", action="store_true", help="also the joint posterior covariance (a third table)")
+    p.add_argument("--likelihood", action="store_true", help="only the order-1 likelihood table (one vs two passes)")
     a = p.parse_args()
-    main(a.quick, a.activations, a.many_only, a.joint)
+    main(a.quick, a.activations, a.many_only, a.joint, a.likelihood)
