@@ -23,18 +23,6 @@ jax.config.update("jax_compilation_cache_dir", _cache)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_make_scheduler(config, log):
-    """Under ``-n`` (default ``--dist load``), keep each ``xdist_group`` on one worker: tests that
-    share an expensive cached computation (a module fixture, a ``functools.cache``) then pay for it
-    once instead of once per worker.  Ungrouped tests are load-balanced one by one as before."""
-    if config.getoption("dist") != "load":
-        return None  # the user chose a mode: leave it
-    from xdist.scheduler import LoadGroupScheduling
-
-    return LoadGroupScheduling(config, log)
-
-
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

@@ -29,9 +29,6 @@ from eft_prob.theory.bayes import gp_posterior, log_evidence, nlo_posterior_mome
 
 from .conftest import assert_consistent
 
-# one worker under -n: the module fixtures / cached runs are built once (tests/conftest.py)
-pytestmark = pytest.mark.xdist_group("bayes_posterior")
-
 SPEC = ep.MLPSpec.at_criticality(2, (64, 64), 2, "tanh")
 X = np.array([[1.0, 0.3], [-0.4, 0.9], [0.2, -1.1]])
 XT = np.array([[0.5, 0.5], [-0.8, -0.2], [1.0, 0.3]])  # the last test input is X[0]

@@ -19,9 +19,6 @@ from eft_prob.inference import to_inference_data
 
 from . import _nuts_cases as cases
 
-# one worker under -n: the module fixtures / cached runs are built once (tests/conftest.py)
-pytestmark = pytest.mark.xdist_group("nuts_cases")
-
 NV = cases.NOISE_VAR
 WIDE = cases.WIDE["spec"]
 X_MANY = np.linspace(-1.5, 1.5, 40)[:, None]  # enough held-out points for calibration tests

@@ -15,9 +15,6 @@ from eft_prob.theory import four_point_vertex, nlo_kernel, nngp, prior_statistic
 
 from .conftest import assert_consistent
 
-# one worker under -n: the module fixtures / cached runs are built once (tests/conftest.py)
-pytestmark = pytest.mark.xdist_group("finite_width")
-
 SPEC = ep.MLPSpec.at_criticality(2, (48, 48), 2, "tanh")
 RELU = ep.MLPSpec.at_criticality(2, (64, 64), 2, "relu")
 X = np.array([[1.0, 0.3], [-0.4, 0.9], [0.2, -1.1]])

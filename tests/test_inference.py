@@ -16,9 +16,6 @@ from eft_prob.inference import NUTSDivergenceWarning, choose_chain_method, conve
 
 from . import _nuts_cases as cases
 
-# one worker under -n: the module fixtures / cached runs are built once (tests/conftest.py)
-pytestmark = pytest.mark.xdist_group("nuts_cases")
-
 SPEC = cases.SMALL["spec"]
 
 

@@ -57,7 +57,7 @@ from eft_prob import gauss
 from eft_prob.activations import get_activation
 from tests.conftest import fit_inverse_powers
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("vertex_scaling")]  # one worker: one sweep
+pytestmark = pytest.mark.slow
 
 # Two inputs of different norms at an angle that is not special (cos ≈ -0.13); the scale 1.4 puts
 # K^(1) ≈ 1, where tanh is well inside its nonlinear range.
