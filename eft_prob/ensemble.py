@@ -218,6 +218,7 @@ def prior_kernels(
     layers: bool = False,
     devices=None,
     part=None,
+    sampler: str = "weights",
 ) -> jax.Array | list[jax.Array]:
     """The output-layer metric Ĝ^(L) of ``n_networks`` independent prior networks, (M, N, N).
 
@@ -231,13 +232,25 @@ def prior_kernels(
       (the connected four-point function, V_{(α1α2)(α3α4)}/n_{ℓ-1} + O(1/n²));
     * E[z_{i;α}⁴] - 3 E[z_{i;α}²]² = 3 Var(Ĝ_{αα}).
 
-    Network m is network m of ``prior_outputs(spec, X, n_networks, key)`` (the same per-network
-    key); ``chunk_size``, ``devices`` and ``part`` as there.  With
-    ``layers=True`` returns the list [Ĝ^(1), ..., Ĝ^(L)] of every layer's metric, each (M, N, N).
-    Float64 when x64 is enabled.
+    ``sampler``:
+
+    * ``"weights"`` (default): draw θ ~ p(θ) and run the network.  Network m is network m of
+      ``prior_outputs(spec, X, n_networks, key)`` (the same per-network key).  Cost O(n² N) per layer.
+    * ``"kernels"``: draw each hidden layer's preactivations directly, z^(ℓ)_{i;·} ~ iid N(0, Ĝ^(ℓ))
+      over its n_ℓ neurons given the metric of the layer below, which is their exact conditional law
+      (the weights are Gaussian), so the sequence Ĝ^(1), ..., Ĝ^(L) has exactly the same distribution
+      as with ``"weights"``, with other draws.  Cost O(n N² + N³) per layer: for N ≪ n (a few
+      inputs, wide layers) it is many times cheaper.  (The square root of Ĝ is taken by eigh with
+      eigenvalues clipped at 0, so singular metrics, e.g. of repeated inputs, are fine.)
+
+    ``chunk_size``, ``devices`` and ``part`` as in :func:`prior_outputs`; network m gets key m for
+    either sampler.  With ``layers=True`` returns the list [Ĝ^(1), ..., Ĝ^(L)] of every layer's
+    metric, each (M, N, N).  Float64 when x64 is enabled.
     """
     X = check_inputs(spec, X)
     M = _check_count("n_networks", n_networks)
+    if sampler not in ("weights", "kernels"):
+        raise ValueError(f"sampler must be 'weights' or 'kernels', got {sampler!r}.")
     chunk = _check_count("chunk_size", chunk_size or auto_chunk(spec, X.shape[0], M))
     C_b, C_W = spec.layer_values("C_b", X.dtype), spec.layer_values("C_W", X.dtype)
     sigma = spec.activation.fn
@@ -249,7 +262,20 @@ def prior_kernels(
         Gs = [C_b[ell] + C_W[ell] * (h @ h.T) / h.shape[-1] for ell, h in enumerate(hs)]
         return Gs if layers else Gs[-1]
 
-    cache = ("prior_kernels", *spec.tree_flatten(), X.dtype.str, layers)
+    def one_kernels(k, X):
+        Gs = [C_b[0] + C_W[0] * (X @ X.T) / X.shape[-1]]
+        keys = jax.random.split(k, max(1, spec.depth - 1))
+        for ell in range(1, spec.depth):
+            lam, U = jnp.linalg.eigh(Gs[-1])
+            R = U * jnp.sqrt(jnp.clip(lam, 0.0))[None, :]  # R Rᵀ = Ĝ^(ℓ)
+            z = jax.random.normal(keys[ell - 1], (spec.hidden[ell - 1], X.shape[0]), X.dtype) @ R.T
+            h = sigma(z)  # (n_ℓ, N)
+            Gs.append(C_b[ell] + C_W[ell] * (h.T @ h) / h.shape[0])
+        return Gs if layers else Gs[-1]
+
+    if sampler == "kernels":
+        one = one_kernels
+    cache = ("prior_kernels", *spec.tree_flatten(), X.dtype.str, layers, sampler)
     return map_networks(one, M, key, X, chunk_size=chunk, devices=devices, part=part, _cache_key=cache)
 
 
