@@ -41,6 +41,7 @@ from ._validate import check_inputs, check_targets
 from .spec import MLPSpec
 from .theory.kernels import ntk
 from .theory.training import stability_bound
+from .theory.vertex import _kernel_sqrt
 
 __all__ = ["TrainResult", "auto_chunk", "map_networks", "part_range", "prior_kernels", "prior_outputs", "train"]
 
@@ -255,22 +256,23 @@ def prior_kernels(
     C_b, C_W = spec.layer_values("C_b", X.dtype), spec.layer_values("C_W", X.dtype)
     sigma = spec.activation.fn
 
+    def metric(ell, h):  # Ĝ^(ℓ+1) from the layer-ℓ activations h (N, n_ℓ) (h = X at ℓ = 0)
+        return C_b[ell] + C_W[ell] * (h @ h.T) / h.shape[-1]
+
     def one(k, X):
         params = nn.init(spec, k, X.dtype)
         zs = nn.preactivations(spec, params[:-1], X) if spec.depth > 1 else []
         hs = [X] + [sigma(z) for z in zs]  # the inputs of layers 1..L
-        Gs = [C_b[ell] + C_W[ell] * (h @ h.T) / h.shape[-1] for ell, h in enumerate(hs)]
+        Gs = [metric(ell, h) for ell, h in enumerate(hs)]
         return Gs if layers else Gs[-1]
 
     def one_kernels(k, X):
-        Gs = [C_b[0] + C_W[0] * (X @ X.T) / X.shape[-1]]
+        Gs = [metric(0, X)]
         keys = jax.random.split(k, max(1, spec.depth - 1))
         for ell in range(1, spec.depth):
-            lam, U = jnp.linalg.eigh(Gs[-1])
-            R = U * jnp.sqrt(jnp.clip(lam, 0.0))[None, :]  # R Rᵀ = Ĝ^(ℓ)
-            z = jax.random.normal(keys[ell - 1], (spec.hidden[ell - 1], X.shape[0]), X.dtype) @ R.T
-            h = sigma(z)  # (n_ℓ, N)
-            Gs.append(C_b[ell] + C_W[ell] * (h.T @ h) / h.shape[0])
+            R = _kernel_sqrt(Gs[-1])  # R Rᵀ = Ĝ^(ℓ)
+            z = jax.random.normal(keys[ell - 1], (spec.hidden[ell - 1], X.shape[0]), X.dtype) @ R.T  # (n_ℓ, N)
+            Gs.append(metric(ell, sigma(z).T))
         return Gs if layers else Gs[-1]
 
     if sampler == "kernels":
