@@ -588,26 +588,12 @@ class FiniteWidthPrior(KernelMixture):
         self.regime = check_regime(spec, X, "NetworkPrior(order=1)")
         with precision_scope(spec, X, noise_var):
             X = jnp.asarray(X, jnp.result_type(float))
+            # compiled programs shared by every width, also under eager jax.grad / vmap
             st = prior_statistics(spec, X, samples=samples, key=key)
-            n = st.width
-            Kbar = st.K + st.K1 / n
-            if is_concrete(spec, X):
-                _check_kernel(Kbar, n)
-            if isinstance(st.V, jnp.ndarray):
-                i, j, w = _pair_coordinates(N)
-                Vn = st.V / n
-                Vpair = Vn[i, j][:, i, j] * (w[:, None] * w[None, :])
-            else:
-                Vpair = st.V.pair_matrix() / n
-                Vn = None
-            kernels, logw, info = _sigma_point_kernels(Kbar, Vpair, N)
-            eye = jnp.eye(N, dtype=Kbar.dtype)
-            scale = jnp.mean(jnp.diagonal(st.K))
-            trils = jnp.linalg.cholesky(kernels + (noise_var + jitter * scale) * eye)
+            K1n, Kbar, Vn, trils, logw, info = _prior_mixture_jit(st.K, st.K1, st.V, st.width, noise_var, jitter)
             loc = jnp.zeros((N, spec.output_dim), Kbar.dtype)
-            if Vn is None:
-                Vn = st.V.dense() / n if N <= 24 else None
         if is_concrete(spec, X):
+            _check_kernel(Kbar, spec.hidden[-1])
             _check_mixture_built(Kbar, info["residual"], "NetworkPrior(order=1)")
         if is_concrete(spec, X) and float(info["residual"]) > 1e-3:
             warn(
@@ -617,11 +603,33 @@ class FiniteWidthPrior(KernelMixture):
                 "layers, fewer layers, or order='exact' where it exists.",
                 RegimeWarning,
             )
-        self.kernel, self.nlo_kernel = _ambient(st.K, st.K1 / n)
+        self.kernel, self.nlo_kernel = _ambient(st.K, K1n)
         self.vertex = None if Vn is None else _ambient(Vn)[0]
         self.residual = info["residual"]
         loc, trils, logw = _ambient(loc, trils, logw)
         super().__init__(loc, trils, logw, validate_args=validate_args)
+
+
+def _prior_mixture(K, K1, V, n, noise_var, jitter):
+    """The numbers of :class:`FiniteWidthPrior` from the prior statistics K, K^{1}, V and n = n_{L-1}:
+    K^{1}/n, K̄, V/n (None above 24 inputs: V factored), and the mixture's Cholesky factors, log
+    weights and sigma-point ``info``."""
+    N = K.shape[0]
+    Kbar = K + K1 / n
+    if isinstance(V, jnp.ndarray):
+        i, j, w = _pair_coordinates(N)
+        Vn = V / n
+        Vpair = Vn[i, j][:, i, j] * (w[:, None] * w[None, :])
+    else:
+        Vpair = V.pair_matrix() / n
+        Vn = None
+    kernels, logw, info = _sigma_point_kernels(Kbar, Vpair, N)
+    eye = jnp.eye(N, dtype=Kbar.dtype)
+    trils = jnp.linalg.cholesky(kernels + (noise_var + jitter * jnp.mean(jnp.diagonal(K))) * eye)
+    return K1 / n, Kbar, Vn, trils, logw, info
+
+
+_prior_mixture_jit = jax.jit(_prior_mixture)
 
 
 def _check_distinct(X):
@@ -861,25 +869,31 @@ class FiniteWidthPosterior(MatrixNormalMixture):
         MatrixNormalMixture.__init__(self, locs, trils, logits, validate_args=validate_args)
 
 
-_sigma_point_kernels_jit = jax.jit(_sigma_point_kernels, static_argnums=(2, 3))
+def _check_posterior_mixture(Kbar, residual, n):
+    if is_concrete(Kbar):
+        _check_kernel(Kbar, n)
+        _check_mixture_built(Kbar, residual, "BayesianPosterior(order=1)")
 
 
 def _posterior_mixture(Kbar, V, n, index, y, noise_var, include_noise, jitter):
     """Condition the O(1/n) prior mixture over the distinct inputs (kernel Kbar, vertex V, width n) on
     y at the first N_A entries of ``index`` (the map from X ∪ X_test to the distinct inputs)."""
+    parts = _posterior_numbers_jit(Kbar, V, n, jnp.asarray(index), y, noise_var, jitter, include_noise=include_noise)
+    _check_posterior_mixture(Kbar, parts[-1], n)
+    return parts
+
+
+def _posterior_numbers(Kbar, V, n, index, y, noise_var, jitter, include_noise):
+    """:func:`_posterior_mixture` without the checks on concrete values (jit-able)."""
     N = Kbar.shape[0]
     nA, nL = y.shape
     nB = len(index) - nA
-    if is_concrete(Kbar):
-        _check_kernel(Kbar, n)
     if isinstance(V, jnp.ndarray):
         i, j, w = _pair_coordinates(N)
         Vpair = (V / n)[i, j][:, i, j] * (w[:, None] * w[None, :])
     else:
         Vpair = V.pair_matrix() / n
-    kernels, logw, info = _sigma_point_kernels_jit(Kbar, Vpair, N, 40)
-    if is_concrete(Kbar):
-        _check_mixture_built(Kbar, info["residual"], "BayesianPosterior(order=1)")
+    kernels, logw, info = _sigma_point_kernels(Kbar, Vpair, N, 40)
     G = kernels[:, index][:, :, index]  # (C, N_A + N_B, N_A + N_B)
     Ch = jnp.linalg.cholesky(G[:, :nA, :nA] + noise_var * jnp.eye(nA, dtype=G.dtype))
     wy = solve_triangular(Ch, jnp.broadcast_to(y, (G.shape[0],) + y.shape), lower=True)
@@ -896,6 +910,9 @@ def _posterior_mixture(Kbar, V, n, index, y, noise_var, include_noise, jitter):
     shift = jnp.einsum("k,kab->ab", jax.nn.softmax(logits) - jnp.exp(logw), G)
     trils = _cholesky(covs, jitter, jnp.mean(jnp.diagonal(Kbar)))
     return locs, trils, logits - log_evidence, log_evidence, (shift + shift.T) / 2, info["residual"]
+
+
+_posterior_numbers_jit = jax.jit(_posterior_numbers, static_argnames=("include_noise",))
 
 
 class CoupledGaussian(Distribution):

@@ -165,6 +165,24 @@ def test_relu_and_unequal_widths():
     np.testing.assert_allclose(d.input_covariance, nngp(spec, X) + nlo_kernel(spec, X) / n, rtol=1e-9)
 
 
+def test_one_compilation_serves_every_width():
+    """The widths enter the compiled theory only as traced numbers (the ratios n_ℓ/n_(ℓ-1) and n_(L-1)):
+    a width sweep, or NUTS at several widths, compiles once per depth, and each width gets its own numbers."""
+    from eft_prob.distributions import _prior_mixture_jit
+    from eft_prob.theory.vertex import _statistics_jit
+
+    spec = ep.MLPSpec(2, (30, 70), 1, "erf", C_W=1.3, C_b=0.05)
+    NetworkPrior(spec, X, order=1)
+    compiled = _statistics_jit._cache_size(), _prior_mixture_jit._cache_size()
+    other = spec.replace(hidden=(90, 40), output_dim=3)
+    d = NetworkPrior(other, X, order=1)
+    assert (_statistics_jit._cache_size(), _prior_mixture_jit._cache_size()) == compiled
+    n = 40
+    np.testing.assert_allclose(d.kernel_covariance, four_point_vertex(other, X) / n, rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(d.input_covariance, nngp(other, X) + nlo_kernel(other, X) / n, rtol=1e-9)
+    assert d.event_shape == (3, 3)
+
+
 def test_noise_var_adds_to_every_component():
     d0 = NetworkPrior(SPEC, X, order=1)
     d1 = NetworkPrior(SPEC, X, order=1, noise_var=0.1)

@@ -94,13 +94,26 @@ def _regularized(out: Kernels) -> Kernels:
     return Kernels(out.nngp.at[-1].set(K_L), out.ntk.at[-1].set(T_L))
 
 
+def _width_ratios(spec: MLPSpec, dtype=jnp.float64):
+    """(r_1, ..., r_{L-1}), r_ℓ = n_ℓ/n_{ℓ-1}: the only way hidden widths enter the recursions."""
+    w = spec.widths
+    return jnp.asarray([w[l] / w[l - 1] for l in range(1, spec.depth)], dtype)
+
+
+def _canonical(spec: MLPSpec) -> MLPSpec:
+    """The spec with unit hidden widths and one output: same statistics given the width ratios, so one
+    compilation serves every width and output dimension."""
+    return spec.replace(hidden=(1,) * len(spec.hidden), output_dim=1)
+
+
 def _compute(spec, X, quadrature, orders, regularize, stack):
     X = check_inputs(spec, X)
     key = tuple(sorted(orders.items())) if orders else None
     if key is not None:
         gauss._orders(orders)  # validate eagerly, with a clear message
     if is_concrete(spec, X):
-        out = _kernel_stack_jit(spec, X, quadrature=quadrature, orders=key, stack=stack)
+        # the kernels do not depend on the widths: one compilation serves every width
+        out = _kernel_stack_jit(_canonical(spec), X, quadrature=quadrature, orders=key, stack=stack)
         return _regularized(out) if regularize else out
     return _kernel_stack(spec, X, quadrature, key, stack)  # inside a caller's trace
 

@@ -56,7 +56,7 @@ from .. import gauss
 from .._config import float64_theory, is_concrete
 from .._validate import check_inputs
 from ..spec import MLPSpec
-from .kernels import _first_layer, _kernel_stack
+from .kernels import _canonical, _first_layer, _kernel_stack, _width_ratios
 from .vertex import _grad_hess, _partials
 
 __all__ = ["NTKStatistics", "ntk_statistics"]
@@ -625,18 +625,6 @@ def _check_activation(act, derivatives: bool):
             "pointwise. Use a smooth activation (tanh, erf, gelu, swish, ...), or derivatives=False for "
             "K, K1, V, Θ, H1, A, B, D, F."
         )
-
-
-def _width_ratios(spec: MLPSpec, dtype=jnp.float64):
-    """(r_1, ..., r_{L-1}), r_ℓ = n_ℓ/n_{ℓ-1}: the only way hidden widths enter the recursions."""
-    w = spec.widths
-    return jnp.asarray([w[l] / w[l - 1] for l in range(1, spec.depth)], dtype)
-
-
-def _canonical(spec: MLPSpec) -> MLPSpec:
-    """The spec with unit hidden widths and one output: same statistics given the width ratios, so one
-    compilation serves every width and output dimension."""
-    return spec.replace(hidden=(1,) * len(spec.hidden), output_dim=1)
 
 
 def _stack(spec: MLPSpec, X, ratios, *, derivatives: bool, all_layers: bool, nodes, restrict=None, shared=None):

@@ -51,7 +51,7 @@ from .. import gauss
 from .._config import float64_theory, is_concrete
 from .._validate import check_inputs
 from ..spec import MLPSpec
-from .kernels import _first_layer
+from .kernels import _canonical, _first_layer, _width_ratios
 
 __all__ = [
     "FactoredVertex",
@@ -467,10 +467,21 @@ _NA = (2, 0, 1)  # number of a's in π_u(a, b)
 
 
 def _stack(
-    spec: MLPSpec, X, groups, *, full: bool, stack: bool, quadrature: bool, low_orders, nd_orders, trace: bool = False
+    spec: MLPSpec,
+    X,
+    groups,
+    ratios,
+    *,
+    full: bool,
+    stack: bool,
+    quadrature: bool,
+    low_orders,
+    nd_orders,
+    trace: bool = False,
 ):
     """Run the joint (K, K^{1}, V) recursion.  With ``trace``, also return the per-step inputs
-    (K^(ℓ), ⟨σσ⟩_{K^(ℓ)}, D^(ℓ)) for ℓ = 1..L-1 that the factored vertex is built from."""
+    (K^(ℓ), ⟨σσ⟩_{K^(ℓ)}, D^(ℓ)) for ℓ = 1..L-1 that the factored vertex is built from.  The hidden
+    widths enter only through ``ratios`` (:func:`_width_ratios`), so ``spec`` may be :func:`_canonical`."""
     act = spec.activation
     K1, _ = _first_layer(spec, X)
     N = K1.shape[0]
@@ -485,9 +496,7 @@ def _stack(
             empty = jnp.zeros((0, N, N), K1.dtype)
             return out, (empty, empty, jnp.zeros((0, 3, N, N), K1.dtype))
         return out
-    w = spec.widths
-    ratios = jnp.asarray([w[l] / w[l - 1] for l in range(1, spec.depth)], K1.dtype)
-    hyper = (spec.layer_values("C_b")[1:], spec.layer_values("C_W")[1:], ratios)
+    hyper = (spec.layer_values("C_b")[1:], spec.layer_values("C_W")[1:], jnp.asarray(ratios, K1.dtype))
     orders = dict(low_orders) if low_orders else None
 
     def step(carry, h):
@@ -552,7 +561,7 @@ def _symmetrize_vertex(V):
     return (V + jnp.swapaxes(jnp.swapaxes(V, -4, -2), -3, -1)) / 2
 
 
-def _compute(spec, X, full, all_layers, quadrature, orders, trace=False):
+def _compute(spec, X, full, all_layers, quadrature, orders, trace=False, ratios=None):
     X = check_inputs(spec, X)
     low, nd = _split_orders(orders)
     N = X.shape[0]
@@ -562,9 +571,11 @@ def _compute(spec, X, full, all_layers, quadrature, orders, trace=False):
     else:
         groups = None
     kw = dict(full=full, stack=all_layers, quadrature=quadrature, low_orders=low, nd_orders=nd, trace=trace)
-    if is_concrete(spec, X):
-        return _stack_jit(spec, X, groups, **kw)
-    return _stack(spec, X, groups, **kw)
+    if ratios is None:
+        ratios = _width_ratios(spec)
+    if is_concrete(spec, X, ratios):  # one compilation for every width
+        return _stack_jit(_canonical(spec), X, groups, ratios, **kw)
+    return _stack(spec, X, groups, ratios, **kw)
 
 
 @float64_theory
@@ -793,8 +804,9 @@ def default_last_samples(samples: int, n_inputs: int) -> int:
     return int(max(samples, min(_LAST_FACTOR * samples, _LAST_BUDGET // max(1, n_inputs))))
 
 
-def _factored(spec, K_tr, F_tr, D_tr, samples: int, last_samples: int, key) -> FactoredVertex:
-    """Build the factored V^(L) from the traced per-step (K^(ℓ), ⟨σσ⟩, D^(ℓ)), ℓ = 1..L-1."""
+def _factored(spec, ratios, K_tr, F_tr, D_tr, samples: int, last_samples: int, key) -> FactoredVertex:
+    """Build the factored V^(L) from the traced per-step (K^(ℓ), ⟨σσ⟩, D^(ℓ)), ℓ = 1..L-1 (widths
+    through ``ratios``, as in :func:`_stack`)."""
     steps, N = K_tr.shape[0], K_tr.shape[-1]
     dtype = K_tr.dtype
     if steps == 0:
@@ -802,8 +814,7 @@ def _factored(spec, K_tr, F_tr, D_tr, samples: int, last_samples: int, key) -> F
         return FactoredVertex(
             jnp.zeros((0, samples, N), dtype), jnp.zeros((0, N), dtype), z, z, z, z, jnp.zeros((0,), dtype)
         )
-    w = spec.widths
-    ratios = jnp.asarray([w[l] / w[l - 1] for l in range(1, spec.depth)], dtype)
+    ratios = jnp.asarray(ratios, dtype)
     C_W = spec.layer_values("C_W", dtype)[1:]
     P, A, B = jnp.ones((N, N), dtype), jnp.zeros((N, N), dtype), jnp.zeros((N, N), dtype)
     cum = jnp.ones((), dtype)
@@ -819,9 +830,6 @@ def _factored(spec, K_tr, F_tr, D_tr, samples: int, last_samples: int, key) -> F
     phi = spec.activation.fn(jnp.einsum("lsk,lak->lsa", xi, R[:-1]))
     last = spec.activation.fn(jax.random.normal(k_last, (last_samples, N), dtype) @ R[-1].T)
     return FactoredVertex(phi, last, F_tr, jnp.stack(Ps), jnp.stack(As), jnp.stack(Bs), jnp.stack(ws))
-
-
-_factored_jit = jax.jit(_factored, static_argnames=("samples", "last_samples"))
 
 
 class PriorStatistics(NamedTuple):
@@ -872,6 +880,15 @@ def prior_statistics(
     N = X.shape[0]
     if factored is None:
         factored = N > _DENSE_MAX
+    samples, last_samples = _sample_counts(samples, last_samples, N)
+    kw = dict(factored=bool(factored), samples=samples, last_samples=last_samples, quadrature=bool(quadrature))
+    kw["orders"] = tuple(sorted(orders.items())) if orders else None
+    K, G, V = _statistics_jit(_canonical(spec), X, _width_ratios(spec), key, **kw)
+    return PriorStatistics(K, G, V, spec.widths[-2])
+
+
+def _sample_counts(samples, last_samples, N) -> tuple[int, int]:
+    """Validated (samples, last_samples) of the factored vertex for N inputs (defaults filled in)."""
     if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 2:
         raise ValueError(f"samples must be an integer >= 2 (Monte Carlo draws per layer), got {samples!r}.")
     if last_samples is None:
@@ -881,13 +898,21 @@ def prior_statistics(
             f"last_samples must be an integer >= 2 (Monte Carlo draws of the last source), got {last_samples!r}; "
             "leave it out for the default."
         )
-    width = spec.widths[-2]
+    return int(samples), int(last_samples)
+
+
+def _statistics(spec, X, ratios, key, *, factored, samples, last_samples, quadrature=False, orders=None):
+    """K, K^{1}, V of :func:`prior_statistics` from validated arguments (``spec`` may be canonical;
+    ``orders`` as a tuple of items).  Called through :data:`_statistics_jit`: one compiled program per
+    depth, activation and input count, for every width, also under eager ``jax.grad``/``vmap``."""
     if not factored:  # one pass: the dense recursion carries K and K^{1} along with V
-        K, G, V = _compute(spec, X, True, False, quadrature, orders)
+        K, G, V = _compute(spec, X, True, False, quadrature, orders, ratios=ratios)
         V = _symmetrize_vertex(V)
     else:
-        (K, G, _), (K_tr, F_tr, D_tr) = _compute(spec, X, False, False, quadrature, orders, trace=True)
+        (K, G, _), (K_tr, F_tr, D_tr) = _compute(spec, X, False, False, quadrature, orders, trace=True, ratios=ratios)
         key = jax.random.PRNGKey(0) if key is None else key
-        build = _factored_jit if is_concrete(spec, K_tr, key) else _factored
-        V = build(spec, K_tr, F_tr, D_tr, int(samples), int(last_samples), key)
-    return PriorStatistics(K, (G + G.T) / 2, V, width)
+        V = _factored(spec, ratios, K_tr, F_tr, D_tr, samples, last_samples, key)
+    return K, (G + G.T) / 2, V
+
+
+_statistics_jit = jax.jit(_statistics, static_argnames=("factored", "samples", "last_samples", "quadrature", "orders"))
