@@ -23,6 +23,12 @@ jax.config.update("jax_compilation_cache_dir", _cache)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+def pytest_collection_modifyitems(config, items):
+    """The notebooks first: they are the longest tests (1–3 minutes each), and starting them while
+    hundreds of short tests remain lets the parallel workers (pytest-xdist) finish together."""
+    items.sort(key=lambda item: item.get_closest_marker("notebook") is None)  # stable: order kept otherwise
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
