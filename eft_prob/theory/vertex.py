@@ -880,15 +880,6 @@ def prior_statistics(
     N = X.shape[0]
     if factored is None:
         factored = N > _DENSE_MAX
-    samples, last_samples = _sample_counts(samples, last_samples, N)
-    kw = dict(factored=bool(factored), samples=samples, last_samples=last_samples, quadrature=bool(quadrature))
-    kw["orders"] = tuple(sorted(orders.items())) if orders else None
-    K, G, V = _statistics_jit(_canonical(spec), X, _width_ratios(spec), key, **kw)
-    return PriorStatistics(K, G, V, spec.widths[-2])
-
-
-def _sample_counts(samples, last_samples, N) -> tuple[int, int]:
-    """Validated (samples, last_samples) of the factored vertex for N inputs (defaults filled in)."""
     if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 2:
         raise ValueError(f"samples must be an integer >= 2 (Monte Carlo draws per layer), got {samples!r}.")
     if last_samples is None:
@@ -898,7 +889,11 @@ def _sample_counts(samples, last_samples, N) -> tuple[int, int]:
             f"last_samples must be an integer >= 2 (Monte Carlo draws of the last source), got {last_samples!r}; "
             "leave it out for the default."
         )
-    return int(samples), int(last_samples)
+    samples, last_samples = int(samples), int(last_samples)
+    kw = dict(factored=bool(factored), samples=samples, last_samples=last_samples, quadrature=bool(quadrature))
+    kw["orders"] = tuple(sorted(orders.items())) if orders else None
+    K, G, V = _statistics_jit(_canonical(spec), X, _width_ratios(spec), key, **kw)
+    return PriorStatistics(K, G, V, spec.widths[-2])
 
 
 def _statistics(spec, X, ratios, key, *, factored, samples, last_samples, quadrature=False, orders=None):
