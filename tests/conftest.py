@@ -3,8 +3,11 @@
 The test program (not the library) switches x64 on globally, as a user's program would.
 """
 
+import glob
 import os
+import shutil
 import sys
+import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -13,14 +16,55 @@ import numpy as np
 import pytest
 
 jax.config.update("jax_enable_x64", True)
-# one cache per jax version and interpreter: entries written by another jaxlib (the CI's second,
-# Python 3.12 run) must never be read back, and a crash there takes the whole test process down
+
+
+def _adopt_unlocked_caches(shared, olds):
+    """Start the shared cache from the entries of the unshared caches that earlier versions of this
+    file kept (one per worker, no lock), so a machine that ran the suite before stays warm.
+
+    JAX's lock-guarded cache needs an access-time file next to each entry.  Entries are hard links
+    (JAX never rewrites an entry in place) and the directory appears at once by a rename."""
+    tmp = f"{shared}.tmp{os.getpid()}"
+    os.makedirs(tmp)
+    stamp = time.time_ns().to_bytes(8, "little")
+    for old in olds:
+        for entry in glob.glob(os.path.join(old, "*-cache")):
+            target = os.path.join(tmp, os.path.basename(entry))
+            if os.path.exists(target):
+                continue
+            try:
+                os.link(entry, target)
+            except OSError:
+                shutil.copyfile(entry, target)
+            with open(target[: -len("-cache")] + "-atime", "wb") as f:
+                f.write(stamp)
+    try:
+        os.rename(tmp, shared)
+    except OSError:  # another process made it first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# One persistent compilation cache per jax version and interpreter (entries written by another
+# jaxlib, the CI's second, Python 3.12 run, must never be read back), shared by the pytest-xdist
+# workers and the notebook kernels they start: a program compiled by one is read by the others,
+# and a test that runs on another worker than last time still finds its programs.  A size limit
+# switches on JAX's file lock around every read and write of the cache; without it, entries are
+# written in place, and a process reading one half-written crashed XLA once.
 _cache = os.path.expanduser(f"~/.cache/eft_prob_jax/{jax.__version__}-py{sys.version_info[0]}{sys.version_info[1]}")
-# and one per pytest-xdist worker: concurrent processes sharing one cache directory crashed XLA once
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    _cache += "-" + os.environ["PYTEST_XDIST_WORKER"]
-jax.config.update("jax_compilation_cache_dir", _cache)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+try:
+    import filelock  # noqa: F401  (JAX's lock; in the dev extra)
+except ImportError:  # no lock: one cache per worker
+    CACHE_CONFIG = {}
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        _cache += "-" + os.environ["PYTEST_XDIST_WORKER"]
+else:
+    CACHE_CONFIG = {"jax_compilation_cache_max_size": 16 << 30}
+    if not os.environ.get("PYTEST_XDIST_WORKER") and not os.path.isdir(_cache + "-shared"):
+        _adopt_unlocked_caches(_cache + "-shared", sorted(glob.glob(_cache + "-gw*")) + [_cache])
+    _cache += "-shared"
+CACHE_CONFIG.update(jax_compilation_cache_dir=_cache, jax_persistent_cache_min_compile_time_secs=0.5)
+for _name, _value in CACHE_CONFIG.items():
+    jax.config.update(_name, _value)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -4,6 +4,8 @@ import pathlib
 
 import pytest
 
+from .conftest import CACHE_CONFIG
+
 NOTEBOOKS = sorted((pathlib.Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9][0-9]_*.py"))
 
 
@@ -17,6 +19,8 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
     monkeypatch.setenv("EFT_PROB_FIGURES", str(tmp_path))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    for name, value in CACHE_CONFIG.items():  # the kernel reads and writes the tests' compilation cache
+        monkeypatch.setenv(name.upper(), str(value))
     nb = jupytext.read(path)
     NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     pngs = list(tmp_path.glob("*.png"))
