@@ -44,12 +44,30 @@ def _adopt_unlocked_caches(shared, olds):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _lock_without_eviction_scans():
+    """JAX's lock-guarded cache scans every entry before each write, to evict the least recently
+    used ones above the size limit: quadratic in the number of entries (100 ms per write at 3000).
+    The test cache stays far below its limit, so the scan is dropped in this process (a private
+    JAX method; where it is missing, the scan stays and only compilations above 0.5 s are kept)."""
+    try:
+        from jax._src import lru_cache
+    except ImportError:
+        return False
+    if not callable(getattr(lru_cache.LRUCache, "_evict_if_needed", None)):
+        return False
+    lru_cache.LRUCache._evict_if_needed = lambda self, *, additional_size=0: None
+    return True
+
+
 # One persistent compilation cache per jax version and interpreter (entries written by another
 # jaxlib, the CI's second, Python 3.12 run, must never be read back), shared by the pytest-xdist
-# workers and the notebook kernels they start: a program compiled by one is read by the others,
-# and a test that runs on another worker than last time still finds its programs.  A size limit
-# switches on JAX's file lock around every read and write of the cache; without it, entries are
-# written in place, and a process reading one half-written crashed XLA once.
+# workers: a program compiled by one is read by the other, and a test that runs on another worker
+# than last time still finds its programs.  A size limit switches on JAX's file lock around every
+# read and write of the cache; without it, entries are written in place, and a process reading one
+# half-written crashed XLA once.  The test processes keep every compilation, down to the many small
+# programs of eager operations that each module recompiles after jax.clear_caches() (a quarter of a
+# warm run).  The notebook kernels share a cache of their own (NOTEBOOK_CACHE) and keep compilations
+# above 0.5 s: each of their writes scans their cache.
 _cache = os.path.expanduser(f"~/.cache/eft_prob_jax/{jax.__version__}-py{sys.version_info[0]}{sys.version_info[1]}")
 try:
     import filelock  # noqa: F401  (JAX's lock; in the dev extra)
@@ -57,14 +75,19 @@ except ImportError:  # no lock: one cache per worker
     CACHE_CONFIG = {}
     if os.environ.get("PYTEST_XDIST_WORKER"):
         _cache += "-" + os.environ["PYTEST_XDIST_WORKER"]
+    _every = False
 else:
     CACHE_CONFIG = {"jax_compilation_cache_max_size": 16 << 30}
     if not os.environ.get("PYTEST_XDIST_WORKER") and not os.path.isdir(_cache + "-shared"):
         _adopt_unlocked_caches(_cache + "-shared", sorted(glob.glob(_cache + "-gw*")) + [_cache])
     _cache += "-shared"
+    _every = _lock_without_eviction_scans()
 CACHE_CONFIG.update(jax_compilation_cache_dir=_cache, jax_persistent_cache_min_compile_time_secs=0.5)
 for _name, _value in CACHE_CONFIG.items():
     jax.config.update(_name, _value)
+if _every:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+NOTEBOOK_CACHE = {**CACHE_CONFIG, "jax_compilation_cache_dir": _cache + "-notebooks"}
 
 
 def pytest_collection_modifyitems(config, items):

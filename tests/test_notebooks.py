@@ -4,7 +4,7 @@ import pathlib
 
 import pytest
 
-from .conftest import CACHE_CONFIG
+from .conftest import NOTEBOOK_CACHE
 
 NOTEBOOKS = sorted((pathlib.Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9][0-9]_*.py"))
 
@@ -19,7 +19,7 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
     monkeypatch.setenv("EFT_PROB_FIGURES", str(tmp_path))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    for name, value in CACHE_CONFIG.items():  # the kernel reads and writes the tests' compilation cache
+    for name, value in NOTEBOOK_CACHE.items():  # the kernels share a persistent compilation cache
         monkeypatch.setenv(name.upper(), str(value))
     nb = jupytext.read(path)
     NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
