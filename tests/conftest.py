@@ -72,22 +72,26 @@ _cache = os.path.expanduser(f"~/.cache/eft_prob_jax/{jax.__version__}-py{sys.ver
 try:
     import filelock  # noqa: F401  (JAX's lock; in the dev extra)
 except ImportError:  # no lock: one cache per worker
-    CACHE_CONFIG = {}
+    _lock = {}
     if os.environ.get("PYTEST_XDIST_WORKER"):
         _cache += "-" + os.environ["PYTEST_XDIST_WORKER"]
-    _every = False
 else:
-    CACHE_CONFIG = {"jax_compilation_cache_max_size": 16 << 30}
+    _lock = {"jax_compilation_cache_max_size": 16 << 30}
     if not os.environ.get("PYTEST_XDIST_WORKER") and not os.path.isdir(_cache + "-shared"):
         _adopt_unlocked_caches(_cache + "-shared", sorted(glob.glob(_cache + "-gw*")) + [_cache])
     _cache += "-shared"
-    _every = _lock_without_eviction_scans()
-CACHE_CONFIG.update(jax_compilation_cache_dir=_cache, jax_persistent_cache_min_compile_time_secs=0.5)
-for _name, _value in CACHE_CONFIG.items():
+_every = bool(_lock) and _lock_without_eviction_scans()
+for _name, _value in {
+    **_lock,
+    "jax_compilation_cache_dir": _cache,
+    "jax_persistent_cache_min_compile_time_secs": 0.0 if _every else 0.5,
+}.items():
     jax.config.update(_name, _value)
-if _every:
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-NOTEBOOK_CACHE = {**CACHE_CONFIG, "jax_compilation_cache_dir": _cache + "-notebooks"}
+NOTEBOOK_CACHE = {
+    **_lock,
+    "jax_compilation_cache_dir": _cache + "-notebooks",
+    "jax_persistent_cache_min_compile_time_secs": 0.5,
+}
 
 
 def pytest_collection_modifyitems(config, items):
