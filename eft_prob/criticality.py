@@ -436,12 +436,16 @@ def _message(spec: MLPSpec, eps: float, r: float, n_eff: float, status: str, n_i
     )
 
 
-def regime(spec: MLPSpec, X=None) -> Regime:
+def regime(spec: MLPSpec, X=None, *, statistics=None) -> Regime:
     """Diagnose the regime of the 1/n expansion for ``spec`` on inputs X (book §5.4; THEORY.md §4.4).
 
     Computes ε = max_α V^(L)_{(αα)(αα)}/(n_{L-1}(K^(L)_{αα})²) from the exact O(1/n) recursion
     (:mod:`eft_prob.theory.vertex`).  X of shape (N, input_dim); None means one input with
     |x|²/n_0 = 1.  Needs concrete (not traced) spec and X.
+
+    ``statistics``: the :class:`~eft_prob.theory.vertex.PriorStatistics` of ``spec`` on X, if
+    already computed; its K and dense (exact) V then give ε without another pass of the recursion.
+    A factored V, a Monte Carlo estimate, is not used: ε is then recomputed exactly.
     """
     if not isinstance(spec, MLPSpec):
         raise ValueError(f"spec must be an eft_prob.MLPSpec, got {type(spec).__name__}.")
@@ -452,10 +456,21 @@ def regime(spec: MLPSpec, X=None) -> Regime:
             "regime(spec, X) needs concrete hyperparameters and inputs, not traced values; call it "
             "outside jit/grad/NUTS."
         )
-    with precision_scope(spec, X):
-        K, _, Vb = _vertex_compute(spec, X, False, False, False, None)
-        Kd = np.diagonal(np.asarray(K, np.float64))
-        Vd = np.diagonal(np.asarray(Vb[0, 0], np.float64))
+    if statistics is not None and isinstance(statistics.V, jax.Array):
+        N = statistics.K.shape[0]
+        if N != np.shape(X)[0] or statistics.width != spec.widths[-2]:
+            raise ValueError(
+                f"statistics are for {N} inputs and width {statistics.width}, but X has {np.shape(X)[0]} inputs "
+                f"and spec has n_(L-1) = {spec.widths[-2]}: pass the PriorStatistics of this spec on this X."
+            )
+        i = np.arange(N)
+        Kd = np.diagonal(np.asarray(statistics.K, np.float64))
+        Vd = np.asarray(statistics.V[i, i, i, i], np.float64)
+    else:
+        with precision_scope(spec, X):
+            K, _, Vb = _vertex_compute(spec, X, False, False, False, None)
+            Kd = np.diagonal(np.asarray(K, np.float64))
+            Vd = np.diagonal(np.asarray(Vb[0, 0], np.float64))
     n_prev = spec.widths[-2]
     pos = Kd > 0
     ratios = np.where(pos, Vd / (n_prev * np.where(pos, Kd, 1.0) ** 2), 0.0)
@@ -472,17 +487,17 @@ def regime(spec: MLPSpec, X=None) -> Regime:
     return Regime(r, eps, n_eff, REGIME_THRESHOLD, status, msg)
 
 
-def check_regime(spec: MLPSpec, X, what: str, stacklevel: int | None = None) -> Regime | None:
+def check_regime(spec: MLPSpec, X, what: str, stacklevel: int | None = None, *, statistics=None) -> Regime | None:
     """:func:`regime`, with a :class:`~eft_prob.RegimeWarning` (``what``: the message) when strongly coupled.
 
     ``what`` names the caller's object, e.g. "NetworkPrior(order=1)".  The warning is attributed to
     the innermost caller outside eft_prob, or, with ``stacklevel``, as :func:`warnings.warn` would
-    (2: the caller of check_regime).  Returns the Regime, or None when spec or X are traced (inside
-    jit/NUTS nothing is checked).
+    (2: the caller of check_regime).  ``statistics`` as in :func:`regime`.  Returns the Regime, or
+    None when spec or X are traced (inside jit/NUTS nothing is checked).
     """
-    if not is_concrete(spec, X):
+    if not is_concrete(spec, X) or (statistics is not None and not is_concrete(statistics)):
         return None
-    reg = regime(spec, X)
+    reg = regime(spec, X, statistics=statistics)
     if reg.status == "strongly-coupled":
         if stacklevel is None:
             warn(f"{what}: {reg.message}", RegimeWarning)

@@ -585,11 +585,11 @@ class FiniteWidthPrior(KernelMixture):
             raise ValueError("order=1 needs at least one hidden layer (hidden=[...]); a depth-1 network is Gaussian.")
         if is_concrete(spec, X):
             _check_distinct(X)
-        self.regime = check_regime(spec, X, "NetworkPrior(order=1)")
         with precision_scope(spec, X, noise_var):
             X = jnp.asarray(X, jnp.result_type(float))
             # compiled programs shared by every width, also under eager jax.grad / vmap
             st = prior_statistics(spec, X, samples=samples, key=key)
+            self.regime = check_regime(spec, X, "NetworkPrior(order=1)", statistics=st)  # ε from st's exact V
             K1n, Kbar, Vn, trils, logw, info = _prior_mixture_jit(st.K, st.K1, st.V, st.width, noise_var, jitter)
             loc = jnp.zeros((N, spec.output_dim), Kbar.dtype)
         if is_concrete(spec, X):
@@ -841,8 +841,8 @@ class FiniteWidthPosterior(MatrixNormalMixture):
                     f"X ∪ X_test (its mixture has ~N² components); got {N}. Use form='gaussian' (the O(1/n) mean "
                     "and covariance) or order=0."
                 )
-            self.regime = check_regime(spec, Du, "BayesianPosterior(order=1)")
             st = prior_statistics(spec, Du, samples=samples, key=key)
+            self.regime = check_regime(spec, Du, "BayesianPosterior(order=1)", statistics=st)
             parts = _posterior_mixture(
                 st.K + st.K1 / st.width, st.V, st.width, index, y, noise_var, include_noise, jitter
             )

@@ -300,6 +300,43 @@ def test_regime_warning_above_threshold_only():
     assert reg.status == "perturbative" and "perturbative: ε" in reg.message
 
 
+def test_regime_from_precomputed_statistics(monkeypatch):
+    """ε read off a PriorStatistics with a dense V equals the separate exact pass; NetworkPrior and
+    BayesianPosterior(order=1) use their own statistics (no second vertex program), and warn alike."""
+    from eft_prob.distributions import BayesianPosterior, NetworkPrior
+    from eft_prob.theory.bayes import nlo_posterior_moments
+    from eft_prob.theory.vertex import prior_statistics
+
+    strong = ep.MLPSpec.at_criticality(2, (64,) * 4, 1, "relu")  # ε ≈ 5(L − 1)/n = 0.31
+    X = np.array([[0.3, -1.1], [1.2, 0.4], [-0.7, 0.9]])
+    direct = crit.regime(strong, X)
+    st = prior_statistics(strong, X)
+    read = crit.regime(strong, X, statistics=st)
+    assert read.status == direct.status == "strongly-coupled"
+    assert read.expansion_parameter == pytest.approx(direct.expansion_parameter, rel=1e-10)
+    assert read.message.replace(f"{read.expansion_parameter:.3g}", "") == direct.message.replace(
+        f"{direct.expansion_parameter:.3g}", ""
+    )
+    with pytest.raises(ValueError, match="statistics are for 3 inputs and width 64, but X has 2 inputs"):
+        crit.regime(strong, X[:2], statistics=st)
+    with pytest.raises(ValueError, match="spec has n_\\(L-1\\) = 20"):
+        crit.regime(strong.replace(hidden=(64, 64, 64, 20)), X, statistics=st)
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("the regime check recomputed the vertex")
+
+    monkeypatch.setattr(crit, "_vertex_compute", no_second_pass)
+    with pytest.warns(ep.RegimeWarning, match=re.escape("NetworkPrior(order=1): strongly coupled")):
+        prior = NetworkPrior(strong, X, order=1)
+    assert prior.regime.expansion_parameter == pytest.approx(direct.expansion_parameter, rel=1e-10)
+    y = np.array([[0.2], [-0.4]])
+    with pytest.warns(ep.RegimeWarning, match=re.escape("BayesianPosterior(order=1): strongly coupled")):
+        post = BayesianPosterior(strong, X[:2], y, X[2:], 0.1, order=1, form="mixture")
+    assert post.regime.expansion_parameter == pytest.approx(direct.expansion_parameter, rel=1e-10)
+    with pytest.warns(ep.RegimeWarning, match=re.escape("nlo_posterior_moments: strongly coupled")):
+        nlo_posterior_moments(strong, X[:2], y, X[2:], 0.1)
+
+
 def test_check_regime_skips_traced_specs():
     spec = _relu_spec(5)
 

@@ -550,23 +550,22 @@ def _check_noise(noise_var, X=None, X_test=None):
 def _warn_regime(spec, D, st, what):
     """RegimeWarning when the expansion parameter ε = max_α V_(αα)(αα)/(n K_αα²) exceeds the threshold.
 
-    ε is read off the statistics already computed; the message comes from
-    :func:`eft_prob.criticality.check_regime` on the worst input alone (one input: cheap).
+    With a dense (exact) V, ε is read off the statistics already computed.  With a factored V (a
+    Monte Carlo estimate) the worst input is picked from it and ε recomputed exactly on that input
+    alone (one input: cheap), by :func:`eft_prob.criticality.check_regime`.
     """
     from ..criticality import check_regime
 
     if not is_concrete(spec, D):
         return None
-    N = D.shape[0]
-    if _is_factored(st.V):  # V_(αα)(αα) = Σ_s w_s Y_s[α, α]²
-        fv = st.V
-        Vd = jnp.zeros((N,), fv.M.dtype)
-        for layer in range(fv.n_sources):
-            u = fv.samples(layer) ** 2 - jnp.diagonal(fv.M[layer])[None]
-            Yd = (jnp.diagonal(fv.P[layer]) + jnp.diagonal(fv.A[layer]) + jnp.diagonal(fv.B[layer]))[None] * u
-            Vd = Vd + fv.weight[layer] * jnp.sum(Yd**2, axis=0)
-    else:
-        Vd = st.V[jnp.arange(N), jnp.arange(N), jnp.arange(N), jnp.arange(N)]
+    if not _is_factored(st.V):
+        return check_regime(spec, D, what, statistics=st)
+    fv = st.V  # V_(αα)(αα) = Σ_s w_s Y_s[α, α]²
+    Vd = jnp.zeros((D.shape[0],), fv.M.dtype)
+    for layer in range(fv.n_sources):
+        u = fv.samples(layer) ** 2 - jnp.diagonal(fv.M[layer])[None]
+        Yd = (jnp.diagonal(fv.P[layer]) + jnp.diagonal(fv.A[layer]) + jnp.diagonal(fv.B[layer]))[None] * u
+        Vd = Vd + fv.weight[layer] * jnp.sum(Yd**2, axis=0)
     Kd = np.asarray(jnp.diagonal(st.K))
     ratio = np.where(Kd > 0, np.asarray(Vd) / np.where(Kd > 0, Kd, 1.0) ** 2, 0.0)
     worst = int(np.argmax(ratio))
