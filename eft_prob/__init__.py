@@ -18,6 +18,7 @@ from . import activations, criticality, distributions, ensemble, gauss, mc_kerne
 from ._config import (
     ApproximationWarning,
     CostWarning,
+    MemoryLimitError,
     PrecisionWarning,
     RegimeWarning,
     RegularizationWarning,
@@ -36,6 +37,7 @@ __all__ = [
     "CostWarning",
     "ExactNetworkPrior",
     "MLPSpec",
+    "MemoryLimitError",
     "PrecisionWarning",
     "RegimeWarning",
     "RegularizationWarning",

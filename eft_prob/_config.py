@@ -58,6 +58,10 @@ class CostWarning(UserWarning):
     """A computation whose time and memory grow steeply with its size was asked for at a large size."""
 
 
+class MemoryLimitError(ValueError):
+    """A computation would need more memory than its limit; raised before any work is done."""
+
+
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 #: frameworks whose frames sit between a user's line and eft_prob (NumPyro's Distribution metaclass and
 #: effect handlers, JAX's jit/vmap tracing); a warning skips them as it skips eft_prob's own frames

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import __version__, criticality, enable_x64
+from ._config import MemoryLimitError
 from ._io import publish
 from .activations import ACTIVATIONS
 from .distributions import BayesianPosterior, NetworkPrior, TrainedNetwork
@@ -1626,7 +1627,7 @@ def main(argv: list[str] | None = None) -> int:
     log = _Log()
     try:
         return {"run": _cmd_run, "theory": _cmd_theory, "criticality": _cmd_criticality}[args.command](args, log)
-    except SpecError as e:
+    except (SpecError, MemoryLimitError) as e:  # MemoryLimitError: raised before any work, sizes in the message
         print(f"eft-prob: error: {e}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:

@@ -539,3 +539,18 @@ def test_trained_theory_above_32_inputs_is_built_one_test_input_at_a_time(tmp_pa
     joint = nlo_trained_coefficients(spec, X, y, Xt[:4], 0.2, 20).at()  # the first four test inputs jointly
     np.testing.assert_allclose(got("variance")[:4, 0], np.diag(np.asarray(joint.cov)), rtol=1e-9)
     np.testing.assert_allclose(got("mean")[:4], np.asarray(joint.mean), rtol=1e-9, atol=1e-14)
+
+
+def test_trained_theory_over_the_memory_limit_keeps_order_0_and_says_why(monkeypatch):
+    # The O(1/n) trained moments refuse sizes whose arrays exceed the memory limit before any
+    # work (MemoryLimitError, a ValueError); the main job keeps order 0 and records the reason.
+    import eft_prob as ep
+    from eft_prob import runner
+
+    monkeypatch.setenv("EFT_PROB_MEMORY_LIMIT_GIB", "1e-9")
+    spec = ep.MLPSpec(1, (16, 16), 1, "tanh", C_b=0.1, C_W=1.2)
+    X = np.array([[-1.0], [0.1], [1.0]])
+    groups, reasons = runner.trained_theory(spec, X, np.sin(2 * X), X[:2] + 0.3, 0.2, 20, jax.random.key(0), 16)
+    assert set(groups) == {"order0"}
+    assert "would need at least" in reasons["order1"] and "EFT_PROB_MEMORY_LIMIT_GIB" in reasons["order1"]
+    assert issubclass(ep.MemoryLimitError, ValueError)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._config import CostWarning, StabilityWarning, float64_theory, is_concrete, warn
+from .._config import CostWarning, MemoryLimitError, StabilityWarning, float64_theory, is_concrete, warn
 from .._validate import check_inputs
 
 __all__ = [
@@ -407,6 +407,53 @@ def _warn_cost(n_train: int, n_test: int) -> None:
         )
 
 
+#: GiB of arrays the O(1/n) trained moments may need before they refuse to start.  On a machine
+#: with more memory pass ``memory_limit_gib=`` to the functions, or set the environment variable
+#: ``EFT_PROB_MEMORY_LIMIT_GIB`` (which also reaches the ``eft-prob`` command).
+MEMORY_LIMIT_GIB = 8.0
+
+_N4_STATS = 11  # four-index arrays of the recursion state: V, A, B, D, F, P, Q, R, S, T, U
+
+
+def _table_doubles(n_first: int, n_rest: int, orders) -> int:
+    """Doubles of the four-point tables of one layer step on n_first + n_rest inputs, a subset with
+    k of the n_rest inputs getting derivative order orders[k] (ntk_stats._table_layout, counted
+    without enumerating the subsets)."""
+    from .ntk_stats import _basis
+
+    total = 0
+    for m in range(1, 5):
+        for k in range(m + 1):
+            q = orders[k] if k < len(orders) else -1
+            if q >= 0:
+                total += math.comb(n_first, m - k) * math.comb(n_rest, k) * len(_basis(q, 5 - m)) ** m
+    return total
+
+
+def _check_memory(parts: dict, limit_gib, what: str, fix: str) -> None:
+    """MemoryLimitError before any work when the arrays ``parts`` ({description: bytes}), a lower bound
+    on the peak memory, exceed ``limit_gib`` (None: $EFT_PROB_MEMORY_LIMIT_GIB, else
+    :data:`MEMORY_LIMIT_GIB`)."""
+    name, value = "memory_limit_gib", limit_gib
+    if limit_gib is None:
+        env = os.environ.get("EFT_PROB_MEMORY_LIMIT_GIB", "").strip()
+        name, value = ("EFT_PROB_MEMORY_LIMIT_GIB", env) if env else ("MEMORY_LIMIT_GIB", MEMORY_LIMIT_GIB)
+    try:
+        limit = float(value)
+    except (TypeError, ValueError):
+        limit = math.nan
+    if not limit > 0:
+        raise ValueError(f"{name} must be a number > 0 (GiB), got {value!r}.")
+    need = sum(parts.values())
+    if need > limit * 2**30:
+        detail = "; ".join(f"{k}: {v / 2**30:.3g} GiB" for k, v in parts.items())
+        raise MemoryLimitError(
+            f"{what} would need at least {need / 2**30:.3g} GiB of memory ({detail}), above the limit of "
+            f"{limit:g} GiB ({name}). {fix} On a machine with more memory, pass memory_limit_gib= or set the "
+            "environment variable EFT_PROB_MEMORY_LIMIT_GIB (also for the eft-prob command)."
+        )
+
+
 def _trained_statistics(spec, X_all, nA, orders=(3, 3, 2), shared=None):
     """NTK statistics on A ∪ B, only the entries the trained moments use: a subset of inputs with k
     test inputs gets derivative order ``orders[k]`` (-1: none; see ntk_stats._table_layout).  The
@@ -457,7 +504,9 @@ def _check_trained(spec, learning_rate, steps, T_AA):
 
 
 @float64_theory
-def nlo_trained_coefficients(spec, X, y, X_test, learning_rate=None, steps=None) -> NLOTrainedCoefficients:
+def nlo_trained_coefficients(
+    spec, X, y, X_test, learning_rate=None, steps=None, *, memory_limit_gib=None
+) -> NLOTrainedCoefficients:
     """Mean and covariance of trained outputs to O(1/n), as order-0 values plus 1/n coefficients.
 
     Full-batch GD on L = ½Σ(z − y)² with the λ-scaled learning rates (``eft_prob.nn.learning_rates``)
@@ -467,6 +516,10 @@ def nlo_trained_coefficients(spec, X, y, X_test, learning_rate=None, steps=None)
     parts equal :func:`gd_moments`.  Needs a smooth activation (the dNTK/ddNTK statistics of
     :func:`eft_prob.theory.ntk_stats.ntk_statistics`).  The cost grows like (N_A + N_B)⁴: for many
     test inputs use :func:`nlo_trained_marginals`.
+
+    ``memory_limit_gib`` (default :data:`MEMORY_LIMIT_GIB`, 8): a ``ValueError`` is raised before
+    any work when the recursion's dense state (11 arrays of (N_A + N_B)⁴) and one layer's tables
+    alone exceed it.
 
     Returns
     -------
@@ -480,7 +533,18 @@ def nlo_trained_coefficients(spec, X, y, X_test, learning_rate=None, steps=None)
     steps = _check_trained(spec, learning_rate, steps, b.T_AA)
     nA = b.y.shape[0]
     X_all = jnp.concatenate([check_inputs(spec, X, "X"), check_inputs(spec, X_test, "X_test")])
-    _warn_cost(nA, X_all.shape[0] - nA)
+    N = X_all.shape[0]
+    _check_memory(
+        {
+            f"the dense state, {_N4_STATS} arrays of N⁴ = {N}⁴": 8 * _N4_STATS * N**4,
+            "one layer's Gaussian tables": 8 * _table_doubles(nA, N - nA, (3, 3, 2)),
+        },
+        memory_limit_gib,
+        f"nlo_trained_coefficients on N_A + N_B = {nA} + {N - nA} inputs",
+        "For many test inputs use eft_prob.theory.nlo_trained_marginals (cost linear in N_B), or split "
+        "X_test into small batches.",
+    )
+    _warn_cost(nA, N - nA)
     st = _trained_statistics(spec, X_all, nA)
     fn = _nlo_parts_jit if is_concrete(spec, X_all, b.y, learning_rate) else _nlo_parts
     m0, c0, m1, c1 = fn(st, b.y, learning_rate, nA=nA, steps=steps)
@@ -636,6 +700,7 @@ def nlo_trained_marginals(
     batch_size: int | None = None,
     progress: bool = False,
     checkpoint=None,
+    memory_limit_gib=None,
 ) -> NLOTrainedMarginals:
     """Per-test-input means and covariances of trained outputs to O(1/n), for many test inputs.
 
@@ -663,6 +728,11 @@ def nlo_trained_marginals(
         An ``.npz`` file, rewritten atomically after every batch.  A run restarted with the same
         arguments continues after the stored batches and returns the same results; a file written
         with other arguments raises ``ValueError`` (naming the arguments that differ).
+    memory_limit_gib : float, optional
+        Default :data:`MEMORY_LIMIT_GIB` (8).  A ``ValueError`` is raised before any work when the
+        training-only tables of all layers (≈ (L−1)·[256·C(N_A, 4) + 2744·C(N_A, 3)] doubles: 8 GiB
+        near N_A = 50 at depth 10) plus one pass's state and tables exceed it.  There is no
+        factored form for many training inputs yet.
 
     Returns
     -------
@@ -686,6 +756,18 @@ def nlo_trained_marginals(
     concrete = is_concrete(spec, X, y, X_test, learning_rate)
     if not concrete and (checkpoint is not None or progress):
         raise ValueError("checkpoint and progress need concrete arguments: call nlo_trained_marginals outside jit.")
+    N = nA + batch_size
+    _check_memory(
+        {
+            f"the training-only tables of {spec.depth - 1} layers": 8 * (spec.depth - 1) * _table_doubles(nA, 0, (3,)),
+            f"one pass's dense state, {_N4_STATS} arrays of (N_A + batch_size)⁴ = {N}⁴": 8 * _N4_STATS * N**4,
+            "one pass's other tables": 8 * (_table_doubles(nA, batch_size, (3, 3, -1)) - _table_doubles(nA, 0, (3,))),
+        },
+        memory_limit_gib,
+        f"nlo_trained_marginals with N_A = {nA} training inputs, batch_size = {batch_size}, depth {spec.depth}",
+        "The tables grow like N_A⁴ (and each test input costs about C(N_A, 3) four-input tables per layer): use "
+        "fewer training inputs or a smaller batch_size; there is no factored form for many training inputs yet.",
+    )
     _warn_marginal_cost(nA, batch_size)
 
     n_batches = -(-nB // batch_size)

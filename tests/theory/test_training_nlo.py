@@ -456,3 +456,41 @@ def test_marginals_errors_and_cost_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _warn_marginal_cost(16, 16)
+
+
+def test_sizes_beyond_the_memory_limit_fail_before_any_work(monkeypatch):
+    """100 training + 900 test inputs at depth 10 (issue 7's size): the marginals' training-only
+    tables alone are ~97 GiB, so both paths refuse at once with the sizes and the alternatives,
+    instead of exhausting memory; the table count is the layout's, without enumerating subsets."""
+    from eft_prob.theory import ntk_stats
+    from eft_prob.theory.training import _table_doubles
+
+    for nA, nB, orders in ((5, 3, (3, 3, 2)), (8, 24, (3, 3, -1)), (6, 0, (3,))):
+        layout = ntk_stats._table_layout(nA + nB, 3, (nA, orders) if nB else None)
+        count = sum(len(s) * len(ntk_stats._basis(q, 5 - m)) ** m for m, g in layout.items() for q, s in g)
+        assert _table_doubles(nA, nB, orders) == count
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("started computing")
+
+    monkeypatch.setattr("eft_prob.theory.training._trained_statistics", no_work)
+    monkeypatch.setattr("eft_prob.theory.training._training_tables", no_work)
+    rng = np.random.default_rng(0)
+    spec = ep.MLPSpec.at_criticality(3, (64,) * 9, 1, "tanh")
+    X, Xt, y = rng.normal(size=(100, 3)), rng.normal(size=(900, 3)), rng.normal(size=(100, 1))
+    with pytest.raises(
+        ValueError, match=r"N_A = 100 .* at least 10\d GiB .*training-only tables of 9 layers: 97.4 GiB"
+    ):
+        nlo_trained_marginals(spec, X, y, Xt)
+    with pytest.raises(ValueError, match=r"N_A \+ N_B = 40 \+ 60 inputs .* dense state, 11 arrays of N⁴ = 100⁴"):
+        nlo_trained_coefficients(spec, X[:40], y[:40], Xt[:60])
+    with pytest.raises(ValueError, match=r"above the limit of 1e-06 GiB \(memory_limit_gib\).*memory_limit_gib="):
+        nlo_trained_marginals(_spec(1), XA, YA[:, :1], XB, memory_limit_gib=1e-6)
+    with pytest.raises(ValueError, match="memory_limit_gib must be a number > 0"):
+        nlo_trained_coefficients(_spec(1), XA, YA[:, :1], XB, memory_limit_gib=0)
+    monkeypatch.setenv("EFT_PROB_MEMORY_LIMIT_GIB", "2e-6")
+    with pytest.raises(ValueError, match=r"above the limit of 2e-06 GiB \(EFT_PROB_MEMORY_LIMIT_GIB\)"):
+        nlo_trained_coefficients(_spec(1), XA, YA[:, :1], XB)
+    monkeypatch.setenv("EFT_PROB_MEMORY_LIMIT_GIB", "lots")
+    with pytest.raises(ValueError, match="EFT_PROB_MEMORY_LIMIT_GIB must be a number > 0 \\(GiB\\), got 'lots'"):
+        nlo_trained_marginals(_spec(1), XA, YA[:, :1], XB)
