@@ -23,10 +23,17 @@ Two tables, each measured in this run:
    same run, is the two-pass path ``prior_statistics`` used before 2026-11-27 (the K, K^{1}
    recursion, then a second pass for V); the one-pass path carries K and K^{1} along with V.
 
+5. With ``--remat``, reverse-mode differentiation with and without ``jax.checkpoint`` on every
+   quadrature chunk (``theory.vertex._REMAT``, on since 2026-11-28; the baseline is the same code
+   with it off): ``jax.jit(jax.value_and_grad)`` of the dense ``prior_statistics`` as in 4 (N = 4
+   and 8), and of the trained O(1/n) moments (``nlo_trained_coefficients``, tanh, 4 + 2 inputs,
+   width 16, η = 0.1) in (C_W, C_b).  Each variant runs in its own process, so its peak resident
+   memory is its own.
+
 The process's peak resident memory is printed after each row (it only grows).
 
 Usage: ``PYTHONPATH=. python benchmarks/bench_vertex.py [--quick] [--activations relu tanh] [--joint]
-[--likelihood]``
+[--likelihood] [--remat]``
 (``--quick``: N = 12 and N = 200).
 """
 
@@ -153,6 +160,66 @@ def likelihood(act: str, N: int, rng) -> None:
     )
 
 
+def remat_case(act: str, N: int, remat: bool) -> None:
+    """One variant of table 5 in this process: prints a JSON line (times, value, gradient, peak RSS)."""
+    import json
+
+    from eft_prob.theory import vertex
+    from eft_prob.theory.training import nlo_trained_coefficients
+
+    vertex._REMAT = remat
+    rng = np.random.default_rng(0)
+    p0 = jnp.asarray([1.5, 0.2])
+    if act == "trained":
+        XA, XB, y = rng.normal(size=(4, 2)), rng.normal(size=(2, 2)), rng.normal(size=(4, 1))
+
+        def f(p):
+            c = nlo_trained_coefficients(ep.MLPSpec(2, (16, 16), 1, "tanh", C_W=p[0] - 0.3, C_b=p[1]), XA, y, XB, 0.1)
+            return jnp.sum(c.mean1) + jnp.sum(c.cov1)
+    else:
+        X = rng.normal(size=(N, 2))
+
+        def f(p):
+            st = prior_statistics(ep.MLPSpec(2, (10, 10), 2, act, C_W=p[0], C_b=p[1]), X)
+            return jnp.sum(st.K) + jnp.sum(st.K1) + jnp.sum(st.V**2)
+
+    g = jax.jit(jax.value_and_grad(f))
+    (v, grad), cold = timed(g, p0)
+    warm = min(timed(g, p0 + k * 1e-3)[1] for k in (1, 2, 3))
+    print(json.dumps(dict(cold=cold, warm=warm, value=float(v), grad=np.asarray(grad).tolist(), peak=peak_gib())))
+
+
+def remat_table(activations) -> None:
+    import json
+    import subprocess
+    import sys
+
+    print("## Reverse mode with and without a checkpoint per quadrature chunk (each variant in its own process)\n")
+    print(
+        "| what | N | plain cold | checkpoint cold | plain warm | checkpoint warm | ratio (warm) | "
+        "max rel. difference (value, gradient) | peak RSS GiB plain / checkpoint |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    cases = [(a, n) for a in activations for n in (4, 8)] + [("trained", 6)]
+    for act, N in cases:
+        res = {}
+        for remat in (False, True):
+            cmd = [sys.executable, __file__, "--remat-case", act, str(N), str(int(remat))]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            res[remat] = json.loads(out)
+        a, b = res[False], res[True]
+        ga, gb = np.asarray(a["grad"]), np.asarray(b["grad"])
+        rel = max(abs(b["value"] - a["value"]) / abs(a["value"]), float(np.abs(gb - ga).max() / np.abs(ga).max()))
+        what = "trained O(1/n) moments, tanh, 4 + 2" if act == "trained" else f"prior statistics, {act}"
+        print(
+            f"| {what} | {N} | {a['cold']:.1f} s | {b['cold']:.1f} s | {a['warm'] * 1e3:.0f} ms | "
+            f"{b['warm'] * 1e3:.0f} ms | {a['warm'] / b['warm']:.2f}x | {rel:.0e} | "
+            f"{a['peak']:.2f} / {b['peak']:.2f} |",
+            flush=True,
+        )
+    print(f"\nload average at the end {os.getloadavg()}")
+
+
 def main(quick: bool, activations, many_only: bool = False, with_joint: bool = False, lik: bool = False) -> None:
     rng = np.random.default_rng(0)
     print(f"# jax {jax.__version__}, backend {jax.default_backend()}, load average {os.getloadavg()}\n")
@@ -198,9 +265,16 @@ def main(quick: bool, activations, many_only: bool = False, with_joint: bool = F
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="N = 12 and N = 200 instead of 20 and 1000")
-    p.add_argument("--activations", nargs="+", default=["relu", "tanh"], choices=["relu", "tanh"])
+    p.add_argument("--activations", nargs="+", default=["relu", "tanh"], choices=["relu", "tanh", "gelu"])
     p.add_argument("--many-only", action="store_true", help="only the second table (e.g. on a GPU)")
     p.add_argument("--joint", action="store_true", help="also the joint posterior covariance (a third table)")
     p.add_argument("--likelihood", action="store_true", help="only the order-1 likelihood table (one vs two passes)")
+    p.add_argument("--remat", action="store_true", help="only table 5 (reverse mode with and without checkpoints)")
+    p.add_argument("--remat-case", nargs=3, metavar=("ACT", "N", "REMAT"), help=argparse.SUPPRESS)
     a = p.parse_args()
-    main(a.quick, a.activations, a.many_only, a.joint, a.likelihood)
+    if a.remat_case:
+        remat_case(a.remat_case[0], int(a.remat_case[1]), bool(int(a.remat_case[2])))
+    elif a.remat:
+        remat_table(a.activations)
+    else:
+        main(a.quick, a.activations, a.many_only, a.joint, a.likelihood)

@@ -56,6 +56,7 @@ from .. import gauss
 from .._config import float64_theory, is_concrete
 from .._validate import check_inputs
 from ..spec import MLPSpec
+from . import vertex as _vertex
 from .kernels import _canonical, _first_layer, _kernel_stack, _width_ratios
 from .vertex import _grad_hess, _partials
 
@@ -141,7 +142,12 @@ def _nested_table(K, evals, kinked: bool, n: int, parity=None):
 
 
 def _chunked_tables(K_sub, evals, kinked, n, per_item, parity=None):
-    """_nested_table over the leading axis of K_sub in chunks of bounded size."""
+    """_nested_table over the leading axis of K_sub in chunks of bounded size, each a
+    ``jax.checkpoint`` (as vertex._chunked: value_and_grad of the trained O(1/n) moments, 4 + 2
+    inputs, 4.4× faster)."""
+    table = lambda k: _nested_table(k, evals, kinked, n, parity)
+    if _vertex._REMAT:
+        table = jax.checkpoint(table)
     S = K_sub.shape[0]
     chunk = max(1, min(S, _MAX_ELEMS // max(1, per_item)))
     n_chunks = -(-S // chunk)
@@ -149,10 +155,8 @@ def _chunked_tables(K_sub, evals, kinked, n, per_item, parity=None):
     if pad:
         K_sub = jnp.concatenate([K_sub, jnp.broadcast_to(K_sub[:1], (pad, *K_sub.shape[1:]))])
     if n_chunks == 1:
-        return _nested_table(K_sub, evals, kinked, n, parity)[:S]
-    out = jax.lax.map(
-        lambda k: _nested_table(k, evals, kinked, n, parity), K_sub.reshape(n_chunks, chunk, *K_sub.shape[1:])
-    )
+        return table(K_sub)[:S]
+    out = jax.lax.map(table, K_sub.reshape(n_chunks, chunk, *K_sub.shape[1:]))
     return out.reshape(n_chunks * chunk, -1)[:S]
 
 
