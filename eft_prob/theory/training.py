@@ -517,9 +517,9 @@ def nlo_trained_coefficients(
     :func:`eft_prob.theory.ntk_stats.ntk_statistics`).  The cost grows like (N_A + N_B)⁴: for many
     test inputs use :func:`nlo_trained_marginals`.
 
-    ``memory_limit_gib`` (default :data:`MEMORY_LIMIT_GIB`, 8): a ``ValueError`` is raised before
-    any work when the recursion's dense state (11 arrays of (N_A + N_B)⁴) and one layer's tables
-    alone exceed it.
+    ``memory_limit_gib`` (default: ``$EFT_PROB_MEMORY_LIMIT_GIB``, else :data:`MEMORY_LIMIT_GIB`, 8):
+    :class:`~eft_prob.MemoryLimitError` (a ``ValueError``) is raised before any work when the
+    recursion's dense state (11 arrays of (N_A + N_B)⁴) and one layer's tables alone exceed it.
 
     Returns
     -------
@@ -729,7 +729,8 @@ def nlo_trained_marginals(
         arguments continues after the stored batches and returns the same results; a file written
         with other arguments raises ``ValueError`` (naming the arguments that differ).
     memory_limit_gib : float, optional
-        Default :data:`MEMORY_LIMIT_GIB` (8).  A ``ValueError`` is raised before any work when the
+        Default ``$EFT_PROB_MEMORY_LIMIT_GIB``, else :data:`MEMORY_LIMIT_GIB` (8).
+        :class:`~eft_prob.MemoryLimitError` (a ``ValueError``) is raised before any work when the
         training-only tables of all layers (≈ (L−1)·[256·C(N_A, 4) + 2744·C(N_A, 3)] doubles: 8 GiB
         near N_A = 50 at depth 10) plus one pass's state and tables exceed it.  There is no
         factored form for many training inputs yet.
