@@ -902,24 +902,32 @@ def prior_statistics(
             "leave it out for the default."
         )
     samples, last_samples = int(samples), int(last_samples)
-    kw = dict(factored=bool(factored), samples=samples, last_samples=last_samples, quadrature=bool(quadrature))
-    kw["orders"] = tuple(sorted(orders.items())) if orders else None
-    K, G, V = _statistics_jit(_canonical(spec), X, _width_ratios(spec), key, **kw)
+    kw = dict(quadrature=bool(quadrature), orders=tuple(sorted(orders.items())) if orders else None)
+    canonical, ratios = _canonical(spec), _width_ratios(spec)
+    if not factored:
+        K, G, V = _statistics_jit(canonical, X, ratios, quadrature=kw["quadrature"], orders=kw["orders"])
+    else:  # the recursion compiled once for every sample count; only the cheap factored build is keyed on it
+        K, G, tr = _trace_jit(canonical, X, ratios, quadrature=kw["quadrature"], orders=kw["orders"])
+        key = jax.random.PRNGKey(0) if key is None else key
+        V = _factored_jit(canonical, ratios, *tr, samples, last_samples, key)
     return PriorStatistics(K, G, V, spec.widths[-2])
 
 
-def _statistics(spec, X, ratios, key, *, factored, samples, last_samples, quadrature=False, orders=None):
-    """K, K^{1}, V of :func:`prior_statistics` from validated arguments (``spec`` may be canonical;
-    ``orders`` as a tuple of items).  Called through :data:`_statistics_jit`: one compiled program per
-    depth, activation and input count, for every width, also under eager ``jax.grad``/``vmap``."""
-    if not factored:  # one pass: the dense recursion carries K and K^{1} along with V
-        K, G, V = _compute(spec, X, True, False, quadrature, orders, ratios=ratios)
-        V = _symmetrize_vertex(V)
-    else:
-        (K, G, _), (K_tr, F_tr, D_tr) = _compute(spec, X, False, False, quadrature, orders, trace=True, ratios=ratios)
-        key = jax.random.PRNGKey(0) if key is None else key
-        V = _factored(spec, ratios, K_tr, F_tr, D_tr, samples, last_samples, key)
-    return K, (G + G.T) / 2, V
+def _statistics(spec, X, ratios, *, quadrature=False, orders=None):
+    """Dense K, K^{1}, V of :func:`prior_statistics` from validated arguments (``spec`` may be
+    canonical; ``orders`` as a tuple of items), in one pass: the dense recursion carries K and K^{1}
+    along with V.  Called through :data:`_statistics_jit`: one compiled program per depth,
+    activation and input count, for every width, also under eager ``jax.grad``/``vmap``."""
+    K, G, V = _compute(spec, X, True, False, quadrature, orders, ratios=ratios)
+    return K, (G + G.T) / 2, _symmetrize_vertex(V)
 
 
-_statistics_jit = jax.jit(_statistics, static_argnames=("factored", "samples", "last_samples", "quadrature", "orders"))
+def _trace(spec, X, ratios, *, quadrature=False, orders=None):
+    """K, K^{1} and the per-step (K^(ℓ), ⟨σσ⟩, D^(ℓ)) the factored V is built from (as :func:`_statistics`)."""
+    (K, G, _), tr = _compute(spec, X, False, False, quadrature, orders, trace=True, ratios=ratios)
+    return K, (G + G.T) / 2, tr
+
+
+_statistics_jit = jax.jit(_statistics, static_argnames=("quadrature", "orders"))
+_trace_jit = jax.jit(_trace, static_argnames=("quadrature", "orders"))
+_factored_jit = jax.jit(_factored, static_argnames=("samples", "last_samples"))

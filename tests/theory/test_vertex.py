@@ -568,6 +568,22 @@ def test_prior_statistics_switches_to_the_factored_vertex_above_24_inputs():
         prior_statistics(spec, np.linspace(-1, 1, 5)[:, None], factored=True, last_samples=1)
 
 
+def test_new_sample_counts_recompile_only_the_factored_build():
+    """The recursion behind the factored V is compiled once per spec shape; a new ``samples`` (as the
+    Monte Carlo warnings advise) compiles only the factored build, and K, K^{1} do not change."""
+    from eft_prob.theory.vertex import _factored_jit, _trace_jit, prior_statistics
+
+    spec = ep.MLPSpec.at_criticality(2, (16, 24), 1, "tanh")
+    X = np.random.default_rng(3).normal(size=(26, 2))
+    a = prior_statistics(spec, X, samples=96)
+    traces, builds = _trace_jit._cache_size(), _factored_jit._cache_size()
+    b = prior_statistics(spec, X, samples=192)
+    assert (_trace_jit._cache_size(), _factored_jit._cache_size()) == (traces, builds + 1)
+    assert b.V.rank > a.V.rank
+    np.testing.assert_array_equal(np.asarray(a.K), np.asarray(b.K))
+    np.testing.assert_array_equal(np.asarray(a.K1), np.asarray(b.K1))
+
+
 @pytest.mark.parametrize("slopes", [(1.0, 0.0), (1.0, 0.2), (0.7, -1.3)])
 def test_scale_invariant_pair_fourth_moments_closed_form_equals_the_polar_rule(slopes):
     """⟨σ_a^j σ_b^(4-j)⟩ in closed form (four arcs, elementary angular integrals) against the
