@@ -56,9 +56,8 @@ from .. import gauss
 from .._config import float64_theory, is_concrete
 from .._validate import check_inputs
 from ..spec import MLPSpec
-from . import vertex as _vertex
 from .kernels import _canonical, _first_layer, _kernel_stack, _width_ratios
-from .vertex import _grad_hess, _partials
+from .vertex import _grad_hess, _partials, _remat
 
 __all__ = ["NTKStatistics", "ntk_statistics"]
 
@@ -145,9 +144,7 @@ def _chunked_tables(K_sub, evals, kinked, n, per_item, parity=None):
     """_nested_table over the leading axis of K_sub in chunks of bounded size, each a
     ``jax.checkpoint`` (as vertex._chunked: value_and_grad of the trained O(1/n) moments, 4 + 2
     inputs, 4.4× faster)."""
-    table = lambda k: _nested_table(k, evals, kinked, n, parity)
-    if _vertex._REMAT:
-        table = jax.checkpoint(table)
+    table = _remat(lambda k: _nested_table(k, evals, kinked, n, parity))
     S = K_sub.shape[0]
     chunk = max(1, min(S, _MAX_ELEMS // max(1, per_item)))
     n_chunks = -(-S // chunk)

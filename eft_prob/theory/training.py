@@ -757,12 +757,12 @@ def nlo_trained_marginals(
     concrete = is_concrete(spec, X, y, X_test, learning_rate)
     if not concrete and (checkpoint is not None or progress):
         raise ValueError("checkpoint and progress need concrete arguments: call nlo_trained_marginals outside jit.")
-    N = nA + batch_size
+    N, shared_tables = nA + batch_size, _table_doubles(nA, 0, (3,))
     _check_memory(
         {
-            f"the training-only tables of {spec.depth - 1} layers": 8 * (spec.depth - 1) * _table_doubles(nA, 0, (3,)),
+            f"the training-only tables of {spec.depth - 1} layers": 8 * (spec.depth - 1) * shared_tables,
             f"one pass's dense state, {_N4_STATS} arrays of (N_A + batch_size)⁴ = {N}⁴": 8 * _N4_STATS * N**4,
-            "one pass's other tables": 8 * (_table_doubles(nA, batch_size, (3, 3, -1)) - _table_doubles(nA, 0, (3,))),
+            "one pass's other tables": 8 * (_table_doubles(nA, batch_size, (3, 3, -1)) - shared_tables),
         },
         memory_limit_gib,
         f"nlo_trained_marginals with N_A = {nA} training inputs, batch_size = {batch_size}, depth {spec.depth}",

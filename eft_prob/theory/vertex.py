@@ -360,6 +360,13 @@ def _tuple_groups(N: int):
 _REMAT = True
 
 
+def _remat(fn):
+    """``fn`` as a ``jax.checkpoint`` (while :data:`_REMAT`): reverse mode recomputes its quadrature
+    grid instead of storing it for a whole map of chunks (used by :func:`_chunked` and
+    ``ntk_stats._chunked_tables``)."""
+    return jax.checkpoint(fn) if _REMAT else fn
+
+
 def _chunked(fn, idx, per_item):
     """fn(idx_chunk (c, m)) -> (M, c) over all rows of idx (T, m), in chunks; returns (M, T).
 
@@ -368,8 +375,7 @@ def _chunked(fn, idx, per_item):
     depth 3: 2.3–3.2× faster for tanh, ReLU, GELU; the same values and gradients; no effect without
     differentiation).
     """
-    if _REMAT:
-        fn = jax.checkpoint(fn)
+    fn = _remat(fn)
     T = idx.shape[0]
     chunk = max(1, min(T, _MAX_ELEMS // max(1, per_item)))
     n_chunks = -(-T // chunk)
@@ -902,12 +908,12 @@ def prior_statistics(
             "leave it out for the default."
         )
     samples, last_samples = int(samples), int(last_samples)
-    kw = dict(quadrature=bool(quadrature), orders=tuple(sorted(orders.items())) if orders else None)
     canonical, ratios = _canonical(spec), _width_ratios(spec)
+    kw = dict(quadrature=bool(quadrature), orders=tuple(sorted(orders.items())) if orders else None)
     if not factored:
-        K, G, V = _statistics_jit(canonical, X, ratios, quadrature=kw["quadrature"], orders=kw["orders"])
+        K, G, V = _statistics_jit(canonical, X, ratios, **kw)
     else:  # the recursion compiled once for every sample count; only the cheap factored build is keyed on it
-        K, G, tr = _trace_jit(canonical, X, ratios, quadrature=kw["quadrature"], orders=kw["orders"])
+        K, G, tr = _trace_jit(canonical, X, ratios, **kw)
         key = jax.random.PRNGKey(0) if key is None else key
         V = _factored_jit(canonical, ratios, *tr, samples, last_samples, key)
     return PriorStatistics(K, G, V, spec.widths[-2])
