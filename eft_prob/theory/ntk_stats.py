@@ -66,7 +66,7 @@ __all__ = ["NTKStatistics", "ntk_statistics"]
 # with K up to ~2): K1, H1 to 1e-10, V, B, R, S, U to ~1e-6, A, D, F, P, Q, T to ~5e-6 relative; the
 # four-input rule dominates both the error and the cost (24 -> 20 nodes: 2x faster, 10x larger error).
 _NODES = {False: {1: 96, 2: 56, 3: 32, 4: 24}, True: {1: 64, 2: 32, 3: 20, 4: 16}}
-_MAX_ELEMS = 2_000_000  # grid points times functions per quadrature chunk
+_MAX_ELEMS = 8_000_000  # grid points times functions per quadrature chunk (the innermost grid is not stored)
 _PAIR_ORDER = 5  # pair moments ⟨σ^(p)_a σ^(q)_b⟩ with p, q <= 5 (Hessian of ⟨σ'σ'⟩ needs σ^(5))
 
 
@@ -103,13 +103,31 @@ def _basis(P: int, max_size: int):
 
 
 def _basis_eval(fns, basis):
-    """z -> stack over the basis of Π_{p in t} σ^(p)(z), shape (len(basis), *z.shape)."""
+    """z -> tuple over the basis of Π_{p in t} σ^(p)(z), each of z's shape."""
 
     def f(z):
         vals = [g(z) for g in fns]
-        return jnp.stack([math.prod((vals[p] for p in t[1:]), start=vals[t[0]]) for t in basis])
+        return tuple(math.prod((vals[p] for p in t[1:]), start=vals[t[0]]) for t in basis)
 
     return f
+
+
+@jax.custom_jvp
+def _sums_last(xs):
+    """tuple of equal-shape arrays -> tuple of their sums over the last axis, in one variadic reduction.
+
+    XLA's CPU backend then evaluates every function of the innermost grid variable in one loop, instead of
+    materializing their stack (F, ...) or recomputing shared subexpressions in F separate reductions.
+    The sum is linear, so its derivative is the plain sum of the tangents (transposable for reverse mode).
+    """
+    zero = tuple(jnp.zeros((), x.dtype) for x in xs)
+    return jax.lax.reduce(tuple(xs), zero, lambda a, b: tuple(u + v for u, v in zip(a, b)), (xs[0].ndim - 1,))
+
+
+@_sums_last.defjvp
+def _sums_last_jvp(primals, tangents):
+    (xs,), (ts,) = primals, tangents
+    return _sums_last(xs), tuple(jnp.sum(t, axis=-1) for t in ts)
 
 
 def _nested_table(K, evals, kinked: bool, n: int, parity=None):
@@ -128,10 +146,13 @@ def _nested_table(K, evals, kinked: bool, n: int, parity=None):
     acc = None
     for k in reversed(range(m)):
         z = zs[k].reshape(zs[k].shape[: 1 + k + 1])  # drop the singleton axes of inner variables
-        phi = evals[k](z) * ws[k]  # (F_k, B, n^(k+1))
-        if acc is None:
-            acc = jnp.sum(phi, axis=-1)
+        if acc is None and _FUSED_SUMS:  # the innermost variable: one loop over the grid, F_k sums (F_k, B, n^k)
+            w = jnp.broadcast_to(ws[k], z.shape)
+            acc = jnp.stack(_sums_last(tuple(v * w for v in evals[k](z))))
+        elif acc is None:
+            acc = jnp.sum(jnp.stack(evals[k](z)) * ws[k], axis=-1)
         else:
+            phi = jnp.stack(evals[k](z)) * ws[k]  # (F_k, B, n^(k+1))
             acc = jnp.einsum("f...i,g...i->fg...", phi, acc)
             acc = acc.reshape((-1, *acc.shape[2:]))
     if parity is not None:
@@ -242,6 +263,8 @@ def _odd_smooth(act, kinked: bool) -> bool:
 
 #: use the point symmetry of odd σ in the nested rules (off: the full grid, for comparison)
 _HALF_GRID = True
+#: sum the functions of the innermost variable in one variadic reduction (off: stack, then sum, for comparison)
+_FUSED_SUMS = True
 
 
 def _moment_tables(act, K, P, kinked, nodes, restrict, shared=None):
@@ -306,7 +329,7 @@ def _pair_moments(act, K, P, kinked, n):
     a, b = np.meshgrid(np.arange(N), np.arange(N), indexing="ij")
     pairs = np.stack([a.ravel(), b.ravel()], 1)
     K_sub = K[pairs[:, :, None], pairs[:, None, :]]
-    ev = lambda z: jnp.stack([g(z) for g in fns])
+    ev = lambda z: tuple(g(z) for g in fns)
     parity = [(-1) ** (p + 1) for p in range(P + 1)] if _odd_smooth(act, kinked) else None
     table = _chunked_tables(K_sub, [ev, ev], kinked, n, (P + 1) * n * n, parity)
     return table.reshape(N, N, P + 1, P + 1).transpose(2, 3, 0, 1)

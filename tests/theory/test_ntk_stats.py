@@ -287,6 +287,40 @@ def test_odd_activations_use_half_of_the_nested_grid(monkeypatch):
         assert np.mean(np.abs(b) > 1e-8 * np.abs(b).max()) > 0.3  # not only the entries that vanish by parity
 
 
+@pytest.mark.parametrize("name, m", [("tanh", 4), ("tanh", 3), ("relu", 4), ("gelu", 3)])
+def test_fused_innermost_sums_and_their_derivatives(monkeypatch, name, m):
+    """The innermost variable's functions are summed in one variadic reduction with its own JVP rule:
+    values, forward- and reverse-mode derivatives equal those of the plain stack-and-sum to rounding
+    (half grid for tanh, the kink-split rule for ReLU, the full smooth grid for GELU)."""
+    from eft_prob.theory import ntk_stats as ns
+
+    act = get_activation(name)
+    kinked, odd = act.kinked, ns._odd_smooth(act, act.kinked)
+    basis = ns._basis(1 if kinked else 2, 5 - m)
+    fns = ns._derivative_fns(act, 1 if kinked else 2)
+    parity = [(-1) ** sum(p + 1 for p in t) for t in basis] if odd else None
+    n = ns._NODES[kinked][m]
+    A = np.random.default_rng(1).normal(size=(3, m, m))
+    K = jnp.asarray(A @ A.transpose(0, 2, 1) / m + 0.2 * np.eye(m))
+    dK = jnp.asarray(np.random.default_rng(2).normal(size=K.shape))
+    dK = dK + dK.transpose(0, 2, 1)
+    w = jnp.asarray(np.random.default_rng(3).normal(size=(3, len(basis) ** m)))
+    out = {}
+    for fused in (True, False):
+        monkeypatch.setattr(ns, "_FUSED_SUMS", fused)
+
+        def table(K):
+            return ns._nested_table(K, [ns._basis_eval(fns, basis)] * m, kinked, n, parity)
+
+        val, tan = jax.jit(lambda K, dK, table=table: jax.jvp(table, (K,), (dK,)))(K, dK)
+        grad = jax.jit(jax.grad(lambda K, table=table: jnp.sum(w * table(K))))(K)
+        out[fused] = (val, tan, grad)
+    for a, b in zip(out[True], out[False]):
+        a, b = _np(a), _np(b)
+        assert np.all(np.isfinite(a)) and np.abs(b).max() > 1e-3
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-13 * np.abs(b).max())
+
+
 # --------------------------------------------------------------------------------------------
 # API.
 
