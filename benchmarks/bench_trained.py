@@ -25,6 +25,13 @@ baseline row), with the time per test input.  ``--depth L`` (default 3) sets the
 (hidden width 64), ``--batch-size`` the marginals' ``batch_size`` (default: the library's, 32 − N_A),
 and ``--no-baseline`` skips the N_A + 24 rows: the N_TEST row then includes the compilation and is
 printed in the cold column (e.g. ``--marginals 992 --depth 10 --no-baseline`` on a GPU).
+
+``--fused [REPS]``: the marginals on N_A + 24 inputs (batch 24, ``--depth``), the current path against
+the baseline that stacks every function of the innermost grid variable and then sums it
+(``ntk_stats._FUSED_SUMS = False``) in 2M-element chunks (``ntk_stats._MAX_ELEMS``, the former
+default), instead of one variadic reduction in 8M-element chunks.  Each path is compiled afresh and
+timed cold, then warm REPS times (default 2; alternating baseline and current, minimum reported),
+with the largest difference of the moments between the two.
 """
 
 from __future__ import annotations
@@ -70,7 +77,10 @@ def main() -> None:
     p.add_argument("--depth", type=int, default=3, help="--marginals: number of layers L (default 3)")
     p.add_argument("--batch-size", type=int, default=None, help="--marginals: batch_size of the N_TEST run")
     p.add_argument("--no-baseline", action="store_true", help="--marginals: skip the joint baseline rows")
+    p.add_argument("--fused", nargs="?", type=int, const=2, default=None, metavar="REPS")
     args = p.parse_args()
+    if args.fused is not None:
+        return fused(args.n_train, args.depth, args.fused)
     if args.marginals is not None:
         return marginals(args.marginals, args.n_train, args.depth, args.batch_size, not args.no_baseline)
     sizes = [(4, 5), (8, 8)] + ([(16, 16)] if args.large else [])
@@ -144,6 +154,53 @@ def marginals(n_test: int, n_trains, depth: int = 3, batch_size=None, baseline: 
         if n_test > 24:
             run_many(spec, X, y, Xt, nA, n_test, batch_size, cold=False)
     print(f"\nload average at the end {os.getloadavg()}")
+
+
+def fused(n_trains, depth: int, reps: int) -> None:
+    """The innermost variadic reduction (current) vs stack-and-sum in the former chunks (baseline)."""
+    from eft_prob.theory.training import nlo_trained_marginals
+
+    print(
+        f"# jax {jax.__version__}, backend {jax.default_backend()}, depth {depth}, tanh at criticality, "
+        f"width 64, batch 24, load average {os.getloadavg()}\n"
+    )
+    print(
+        "| N_A + N_B | baseline cold / warm | current cold / warm | ratio (warm) "
+        "| max rel. diff. of mean1 / cov1 | peak RSS GiB |"
+    )
+    print("|---|---|---|---|---|---|")
+    warnings.simplefilter("ignore", ep.CostWarning)
+    spec = ep.MLPSpec.at_criticality(3, (64,) * (depth - 1), 1, "tanh")
+    rel = lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
+    modes = {"baseline": (False, 2_000_000), "current": (True, ntk_stats._MAX_ELEMS)}
+    saved = ntk_stats._FUSED_SUMS, ntk_stats._MAX_ELEMS
+    for nA in n_trains:
+        rng = np.random.default_rng(0)
+        X, Xt = rng.normal(size=(nA, 3)), rng.normal(size=(24, 3))
+        y = np.sin(X[:, :1])
+        cold, warm, out = {}, {k: [] for k in modes}, {}
+        try:
+            for _ in range(reps):
+                for name, (flag, elems) in modes.items():
+                    ntk_stats._FUSED_SUMS, ntk_stats._MAX_ELEMS = flag, elems
+                    jax.clear_caches()  # the flags are read when tracing: compile this path afresh
+                    t = time.perf_counter()
+                    jax.block_until_ready(nlo_trained_marginals(spec, X, y, Xt + 1e-3, batch_size=24))
+                    cold.setdefault(name, time.perf_counter() - t)
+                    t = time.perf_counter()
+                    out[name] = jax.block_until_ready(nlo_trained_marginals(spec, X, y, Xt, batch_size=24))
+                    warm[name].append(time.perf_counter() - t)
+        finally:
+            ntk_stats._FUSED_SUMS, ntk_stats._MAX_ELEMS = saved
+        b, c = out["baseline"], out["current"]
+        tb, tc = min(warm["baseline"]), min(warm["current"])
+        print(
+            f"| {nA} + 24 | {cold['baseline']:.1f} / {tb:.1f} s | {cold['current']:.1f} / {tc:.1f} s | {tb / tc:.2f}x "
+            f"| {rel(c.mean1, b.mean1):.1e} / {rel(c.cov1, b.cov1):.1e} | {peak_gib():.2f} |",
+            flush=True,
+        )
+    print(f"\nall warm times: baseline {warm['baseline']}, current {warm['current']}")
+    print(f"load average at the end {os.getloadavg()}")
 
 
 def run_many(spec, X, y, Xt, nA: int, n_test: int, batch_size, cold: bool) -> None:
