@@ -494,3 +494,67 @@ def test_sizes_beyond_the_memory_limit_fail_before_any_work(monkeypatch):
     monkeypatch.setenv("EFT_PROB_MEMORY_LIMIT_GIB", "lots")
     with pytest.raises(ValueError, match="EFT_PROB_MEMORY_LIMIT_GIB must be a number > 0 \\(GiB\\), got 'lots'"):
         nlo_trained_marginals(_spec(1), XA, YA[:, :1], XB)
+
+
+_TWO_DEVICES = """
+import sys, warnings
+import jax, numpy as np
+jax.config.update("jax_enable_x64", True)
+warnings.simplefilter("error")
+import eft_prob as ep
+from eft_prob.theory import training
+
+inputs, out, ck = sys.argv[1:4]
+z = np.load(inputs)
+spec = ep.MLPSpec(2, (16,), 2, "tanh", C_b=0.1, C_W=1.2, lambda_b=0.4, lambda_W=1.0)  # one hidden layer
+devices = jax.devices()
+assert len(devices) == 2 and jax.local_devices()[0].platform == "cpu"
+args = (spec, z["X"], z["y"], z["X_test"], 0.3, 7)
+hooked = []
+def crash(i):
+    hooked.append(i)
+    raise KeyboardInterrupt
+training._after_batch_hook = crash
+try:  # the first group (batches 0 and 1, one per device) is stored, then the run stops
+    training.nlo_trained_marginals(*args, batch_size=2, checkpoint=ck, devices=devices)
+except KeyboardInterrupt:
+    pass
+assert hooked == [1], hooked
+assert int(np.load(ck)["done"]) == 2
+training._after_batch_hook = hooked.append
+m = training.nlo_trained_marginals(*args, batch_size=2, checkpoint=ck, devices=devices, progress=True)
+assert hooked == [1, 2], hooked  # the resumed run computed the last group (batch 2 and a padded copy)
+np.savez(out, **{k: np.asarray(getattr(m, k)) for k in training._MARGINAL_FIELDS})
+"""
+
+
+@pytest.mark.slow
+def test_marginals_run_one_batch_per_device(tmp_path):
+    """Two simulated CPU devices (a subprocess: XLA_FLAGS before JAX starts): the batches run one per
+    device (shard_map), checkpointed and resumed by groups, and give this process's one-device
+    moments to rounding; the default on a CPU host is one device."""
+    import os
+    import subprocess
+    import sys
+
+    from eft_prob.theory import training
+
+    spec = ep.MLPSpec(2, (16,), 2, "tanh", **KW)  # as in the subprocess
+    np.savez(tmp_path / "in.npz", X=XA, y=YA, X_test=XT5)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env.pop("JAX_ENABLE_X64", None)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    files = [str(tmp_path / name) for name in ("in.npz", "out.npz", "ck.npz")]
+    r = subprocess.run([sys.executable, "-c", _TWO_DEVICES, *files], env=env, cwd=root, capture_output=True, text=True,
+                       timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr and "2/3 batches done" in r.stderr and "batch 3/3, 5/5 test inputs" in r.stderr
+    got = dict(np.load(tmp_path / "out.npz"))
+    ref = nlo_trained_marginals(spec, XA, YA, XT5, 0.3, 7, batch_size=2)
+    for k in training._MARGINAL_FIELDS:
+        w = np.asarray(getattr(ref, k))
+        np.testing.assert_allclose(got[k], w, rtol=0, atol=1e-12 * np.abs(w).max(), err_msg=k)
+    with pytest.raises(ValueError, match="devices must"):
+        nlo_trained_marginals(spec, XA, YA, XT5, 0.3, devices=[])
+    with pytest.raises(ValueError, match="devices must not repeat"):
+        nlo_trained_marginals(spec, XA, YA, XT5, 0.3, devices=jax.devices() * 2)
