@@ -33,6 +33,11 @@ default), instead of one variadic reduction in 8M-element chunks.  Each path is 
 timed cold, then warm REPS times (default 2; alternating baseline and current, minimum reported),
 with the largest difference of the moments between the two.
 
+``--nodes N4 [N4 ...]``: the accuracy and cost of the four-input rule (``ntk_stats._NODES``, default 24
+nodes per axis; the three-input rule kept at 32): the marginals on N_A + 24 inputs (batch 24,
+``--depth``) with a 32-node four-input rule as the reference, then each N4, cold and warm, with the
+warm-time ratio to the default and the largest difference of mean1 / cov1 from the reference.
+
 ``--devices [N_TEST]``: the marginals on N_A + N_TEST inputs (default 8 + 48, batch 24, ``--depth``)
 one batch at a time on the first local device (baseline) against one batch per local device at once
 (``devices=jax.local_devices()``, shard_map), cold and warm, with the ratio and the largest
@@ -91,7 +96,10 @@ def main() -> None:
     p.add_argument("--fused", nargs="?", type=int, const=2, default=None, metavar="REPS")
     p.add_argument("--devices", nargs="?", type=int, const=48, default=None, metavar="N_TEST")
     p.add_argument("--cpu-devices", type=int, default=None, help="simulated CPU devices (set before JAX starts)")
+    p.add_argument("--nodes", type=int, nargs="+", default=None, metavar="N4")
     args = p.parse_args()
+    if args.nodes is not None:
+        return nodes(args.nodes, args.n_train, args.depth)
     if args.devices is not None:
         return devices(args.devices, args.n_train, args.depth)
     if args.fused is not None:
@@ -216,6 +224,47 @@ def fused(n_trains, depth: int, reps: int) -> None:
         )
     print(f"\nall warm times: baseline {warm['baseline']}, current {warm['current']}")
     print(f"load average at the end {os.getloadavg()}")
+
+
+def nodes(n4s, n_trains, depth: int) -> None:
+    """The four-input rule's node count: time and error against a 32-node reference (same run)."""
+    from eft_prob.theory.training import nlo_trained_marginals
+
+    print(
+        f"# jax {jax.__version__}, backend {jax.default_backend()}, depth {depth}, tanh at criticality, "
+        f"width 64, batch 24, load average {os.getloadavg()}\n"
+    )
+    print("| N_A + N_B | four-input nodes | cold / warm | warm time / default's | max rel. diff. of mean1 / cov1 |")
+    print("|---|---|---|---|---|")
+    warnings.simplefilter("ignore", ep.CostWarning)
+    spec = ep.MLPSpec.at_criticality(3, (64,) * (depth - 1), 1, "tanh")
+    rel = lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
+    saved = dict(ntk_stats._NODES[False])
+    default = saved[4]
+    for nA in n_trains:
+        rng = np.random.default_rng(0)
+        X, Xt = rng.normal(size=(nA, 3)), rng.normal(size=(24, 3))
+        y = np.sin(X[:, :1])
+        rows = {}
+        try:
+            for n4 in [32, default] + [n for n in n4s if n not in (32, default)]:
+                ntk_stats._NODES[False] = {**saved, 4: n4}  # read when tracing (a static argument)
+                t = time.perf_counter()
+                jax.block_until_ready(nlo_trained_marginals(spec, X, y, Xt + 1e-3, batch_size=24))
+                cold = time.perf_counter() - t
+                t = time.perf_counter()
+                m = jax.block_until_ready(nlo_trained_marginals(spec, X, y, Xt, batch_size=24))
+                rows[n4] = (cold, time.perf_counter() - t, m)
+        finally:
+            ntk_stats._NODES[False] = saved
+        ref = rows[32][2]
+        for n4, (cold, warm, m) in rows.items():
+            print(
+                f"| {nA} + 24 | {n4}{' (default)' if n4 == default else ''} | {cold:.1f} / {warm:.1f} s "
+                f"| {warm / rows[default][1]:.2f} | {rel(m.mean1, ref.mean1):.1e} / {rel(m.cov1, ref.cov1):.1e} |",
+                flush=True,
+            )
+    print(f"\nload average at the end {os.getloadavg()}")
 
 
 def devices(n_test: int, n_trains, depth: int) -> None:
