@@ -778,14 +778,12 @@ def nlo_trained_marginals(
     n_dev = len(devices) if devices is not None else 1
     host = n_dev if devices is not None and devices[0].platform == "cpu" else 1  # passes sharing one memory
     N, shared_tables = nA + batch_size, _table_doubles(nA, 0, (3,))
+    passes = "one pass's" if host == 1 else f"{host} concurrent passes'"
     _check_memory(
         {
             f"the training-only tables of {spec.depth - 1} layers": 8 * (spec.depth - 1) * shared_tables,
-            f"{host} pass(es)' dense state, {_N4_STATS} arrays of (N_A + batch_size)⁴ = {N}⁴": host
-            * 8
-            * _N4_STATS
-            * N**4,
-            f"{host} pass(es)' other tables": host * 8 * (_table_doubles(nA, batch_size, (3, 3, -1)) - shared_tables),
+            f"{passes} dense state, {_N4_STATS} arrays of (N_A + batch_size)⁴ = {N}⁴": host * 8 * _N4_STATS * N**4,
+            f"{passes} other tables": host * 8 * (_table_doubles(nA, batch_size, (3, 3, -1)) - shared_tables),
         },
         memory_limit_gib,
         f"nlo_trained_marginals with N_A = {nA} training inputs, batch_size = {batch_size}, depth {spec.depth}",

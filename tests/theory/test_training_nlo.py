@@ -525,6 +525,15 @@ training._after_batch_hook = hooked.append
 m = training.nlo_trained_marginals(*args, batch_size=2, checkpoint=ck, devices=devices, progress=True)
 assert hooked == [1, 2], hooked  # the resumed run computed the last group (batch 2 and a padded copy)
 np.savez(out, **{k: np.asarray(getattr(m, k)) for k in training._MARGINAL_FIELDS})
+# the memory pre-check counts one pass per simulated CPU device (they share the host's memory)
+shared = training._table_doubles(3, 0, (3,))  # the training-only tables of the one layer step
+one_pass = 8 * training._N4_STATS * 5**4 + 8 * (training._table_doubles(3, 2, (3, 3, -1)) - shared)
+limit = (8 * shared + 1.5 * one_pass) / 2**30  # one pass fits, two do not
+try:
+    training.nlo_trained_marginals(*args, batch_size=2, devices=devices, memory_limit_gib=limit)
+    raise AssertionError("no MemoryLimitError")
+except ep.MemoryLimitError as e:
+    assert "2 concurrent passes" in str(e), str(e)
 """
 
 
