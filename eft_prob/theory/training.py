@@ -813,10 +813,10 @@ def nlo_trained_marginals(
         Xb = Xp.reshape(n_batches, batch_size, -1)
         for i in range(done, n_batches, n_dev):
             idx = np.minimum(np.arange(i, i + n_dev), n_batches - 1)  # the last group padded with copies
-            res = program(spec, Xb[idx], X, y, shared, lr)
+            res = program(Xb[idx], spec, X, y, shared, lr)  # (n_dev, batch_size, ...)
             k = min(n_dev, n_batches - i)
             for key, v in zip(_MARGINAL_FIELDS, res):
-                out[key][i * batch_size : (i + k) * batch_size] = np.asarray(v)[: k * batch_size]
+                out[key][i * batch_size : (i + k) * batch_size] = np.asarray(v)[:k].reshape(-1, *v.shape[2:])
             if ck is not None:
                 ck.save(i + k, out)
             if _after_batch_hook is not None:
@@ -844,36 +844,21 @@ def nlo_trained_marginals(
     return NLOTrainedMarginals(*res, spec.widths[-2])
 
 
-_MARGINAL_PROGRAMS: dict = {}
-
-
 def _marginal_program(nA: int, nL: int, steps, flow: bool, devices: tuple):
-    """jit(shard_map) over a 1-D mesh of ``devices``: (spec, batches (D, batch, d), X, y, shared
-    tables, η) -> the per-test-input (mean0, cov0, mean1, cov1) of D batches, one batch per device.
-    The spec is an argument (a pytree: its widths and activation retrace, its values do not)."""
+    """ensemble._map_program (jit(shard_map(vmap)) over a 1-D mesh of ``devices``, cached): (batches
+    (D, batch, d), spec, X, y, shared tables, η) -> the per-test-input (mean0, cov0, mean1, cov1) of
+    the D batches, (D, batch, ...), one batch per device.  The spec is an argument (a pytree: its
+    widths and activation retrace, its values do not)."""
     from jax.sharding import Mesh
-    from jax.sharding import PartitionSpec as P
 
-    key = (nA, nL, steps, flow, devices)
-    if key in _MARGINAL_PROGRAMS:
-        return _MARGINAL_PROGRAMS[key]
+    from ..ensemble import _AXIS, _map_program
 
-    def per_device(spec, xb, X, y, shared, lr):
-        st = _trained_statistics(spec, jnp.concatenate([X, xb[0]]), nA, orders=(3, 3, -1), shared=shared)
-        parts = _nlo_parts(st, y, None if flow else lr, nA=nA, steps=steps)
-        return _diagonal_blocks(parts, nL)  # (batch, ...): concatenated over the devices
+    def one_batch(xb, spec, X, y, shared, lr):
+        st = _trained_statistics(spec, jnp.concatenate([X, xb]), nA, orders=(3, 3, -1), shared=shared)
+        return _diagonal_blocks(_nlo_parts(st, y, None if flow else lr, nA=nA, steps=steps), nL)
 
-    mesh = Mesh(np.asarray(devices), ("batches",))
-    # check_vma=False: no collectives, each device computes its own batch (the layer scan's carry
-    # would otherwise need explicit varying-type casts)
-    program = jax.jit(
-        jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P("batches"), P(), P(), P(), P()),
-                      out_specs=P("batches"), check_vma=False)
-    )  # fmt: skip
-    while len(_MARGINAL_PROGRAMS) >= 8:
-        _MARGINAL_PROGRAMS.pop(next(iter(_MARGINAL_PROGRAMS)))
-    _MARGINAL_PROGRAMS[key] = program
-    return program
+    mesh = Mesh(np.asarray(devices), (_AXIS,))
+    return _map_program(one_batch, mesh, 5, ("nlo_trained_marginals", nA, nL, steps, flow))
 
 
 class _BatchProgress:
