@@ -68,6 +68,12 @@ from eft_prob.theory import ntk_stats  # noqa: E402
 from eft_prob.theory.training import nlo_trained_coefficients  # noqa: E402
 
 
+def rel(a, b) -> float:
+    """Largest |a − b| relative to the largest |b|."""
+    a, b = np.asarray(a), np.asarray(b)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
 def peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
@@ -125,7 +131,6 @@ def main() -> None:
             y = np.sin(X[:, :1])
             base, _, t_base = run(spec, X, y, Xt, half=False)
             cur, cold, warm = run(spec, X, y, Xt, half=True)
-            rel = lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
             print(
                 f"| {act} | {nA} + {nB} | {t_base:.2f} s | {cold:.2f} s | {warm:.2f} s | {t_base / warm:.2f}x | "
                 f"{rel(cur.mean1, base.mean1):.1e} / {rel(cur.cov1, base.cov1):.1e} | {peak_gib():.2f} |",
@@ -150,7 +155,6 @@ def marginals(n_test: int, n_trains, depth: int = 3, batch_size=None, baseline: 
     print("|---|---|---|---|---|---|---|---|")
     warnings.simplefilter("ignore", ep.CostWarning)
     spec = ep.MLPSpec.at_criticality(3, (64,) * (depth - 1), 1, "tanh")  # input dim 3, L = depth
-    rel = lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
     for nA in n_trains:
         rng = np.random.default_rng(0)
         X, Xt = rng.normal(size=(nA, 3)), rng.normal(size=(max(24, n_test), 3))
@@ -194,7 +198,6 @@ def fused(n_trains, depth: int, reps: int) -> None:
     print("|---|---|---|---|---|---|")
     warnings.simplefilter("ignore", ep.CostWarning)
     spec = ep.MLPSpec.at_criticality(3, (64,) * (depth - 1), 1, "tanh")
-    rel = lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
     modes = {"baseline": (False, 2_000_000), "current": (True, ntk_stats._MAX_ELEMS)}
     saved = ntk_stats._FUSED_SUMS, ntk_stats._MAX_ELEMS
     for nA in n_trains:
@@ -238,7 +241,6 @@ def nodes(n4s, n_trains, depth: int) -> None:
     print("|---|---|---|---|---|")
     warnings.simplefilter("ignore", ep.CostWarning)
     spec = ep.MLPSpec.at_criticality(3, (64,) * (depth - 1), 1, "tanh")
-    rel = lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
     saved = dict(ntk_stats._NODES[False])
     default = saved[4]
     for nA in n_trains:
@@ -282,7 +284,6 @@ def devices(n_test: int, n_trains, depth: int) -> None:
     print("|---|---|---|---|---|---|")
     warnings.simplefilter("ignore", ep.CostWarning)
     spec = ep.MLPSpec.at_criticality(3, (64,) * (depth - 1), 1, "tanh")
-    rel = lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
     for nA in n_trains:
         rng = np.random.default_rng(0)
         X, Xt = rng.normal(size=(nA, 3)), rng.normal(size=(n_test, 3))
