@@ -1,5 +1,6 @@
 """Several processes (hosts), one run: ensembles and NUTS chains split across processes and
-gathered into one ArviZ InferenceData.
+gathered into one ArviZ InferenceData; Monte Carlo kernel moments and the trained O(1/n) marginals
+split the same way and gathered into one result.
 
 Start one Python process per host (or per accelerator), each calling :func:`initialize` before
 any other JAX work, then the same functions with the same arguments on every process::
@@ -25,7 +26,12 @@ order.  Network m and chain c keep the keys of a single-process run, so:
 * NUTS chain c starts from the same key as in :func:`eft_prob.inference.run_nuts`; on CPUs with
   the ``"parallel"``/``"sharded"`` chain methods its draws are bit-identical too.
 
-Every process returns the same InferenceData (write it from process 0).  Every process must make
+* :func:`kernel_moments` merges the processes' running moments (equal to
+  :func:`eft_prob.mc_kernels.kernel_moments` in one process up to the rounding of the merge order);
+* :func:`trained_marginals` gives each process a contiguous block of the batches of test inputs of
+  :func:`eft_prob.theory.nlo_trained_marginals` (bit-identical to one process on CPUs).
+
+Every process returns the same InferenceData or result (write it from process 0).  Every process must make
 the same calls in the same order with the same arguments; the functions check that the arguments
 agree and raise ``ValueError`` on every process otherwise.
 """
@@ -45,7 +51,15 @@ from jax.experimental import multihost_utils
 from . import _arviz, ensemble, inference
 from .runner import f_group
 
-__all__ = ["gather", "initialize", "prior_ensemble", "run_nuts", "trained_ensemble"]
+__all__ = [
+    "gather",
+    "initialize",
+    "kernel_moments",
+    "prior_ensemble",
+    "run_nuts",
+    "trained_ensemble",
+    "trained_marginals",
+]
 
 _ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):(\d{1,5})$")
 _ADDRESS_IN_REPR = re.compile(r" at 0x[0-9a-fA-F]+")
@@ -113,25 +127,62 @@ def gather(tree, n_total: int):
     A collective: every process must call it with the same tree structure.  In one process it
     returns ``tree`` as NumPy arrays.
     """
+    count = jax.process_count()
+    sizes = [len(ensemble.part_range(n_total, (p, count))) for p in range(count)]
+    return _gather_blocks(tree, sizes, f"its block of n_total={n_total}")
+
+
+def _gather_blocks(tree, sizes, what: str):
+    """:func:`gather` for blocks of any sizes (process p passes ``sizes[p]`` items, possibly 0)."""
     count, index = jax.process_count(), jax.process_index()
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     leaves = [np.asarray(a) for a in leaves]
-    sizes = [len(ensemble.part_range(n_total, (p, count))) for p in range(count)]
     bad = [a.shape for a in leaves if a.shape[:1] != (sizes[index],)]
     if bad:
         raise ValueError(
-            f"gather: process {index} of {count} must pass arrays of leading length {sizes[index]} (its block of "
-            f"n_total={n_total}), got shapes {bad}."
+            f"gather: process {index} of {count} must pass arrays of leading length {sizes[index]} ({what}), "
+            f"got shapes {bad}."
         )
     if count == 1:
         return jax.tree_util.tree_unflatten(treedef, leaves)
     # process_allgather wants equal shapes everywhere: pad every block to the longest one
-    width = max(sizes)
+    width = max(max(sizes), 1)
     padded = [np.concatenate([a, np.zeros((width - a.shape[0], *a.shape[1:]), a.dtype)]) for a in leaves]
     with jax.enable_x64(True):  # float64/int64 blocks travel unchanged when x64 is off
         stacked = multihost_utils.process_allgather(padded, tiled=False)
     out = [np.concatenate([s[p, : sizes[p]] for p in range(count)]) for s in stacked]
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+_MESSAGE_BYTES = 2048
+
+
+def _run_everywhere(fn):
+    """``fn()`` on this process, then agree on the outcome: when it raised on some process, every
+    process raises (the failing one its own exception, the others a RuntimeError quoting it), so
+    that no process waits forever in a later collective.  A collective."""
+    error = None
+    try:
+        result = fn()
+    except Exception as e:  # re-raised below, on every process
+        error, result = e, None
+    if jax.process_count() == 1:
+        if error is not None:
+            raise error
+        return result
+    text = b"" if error is None else f"{type(error).__name__}: {error}".encode()[: _MESSAGE_BYTES - 1]
+    mine = np.zeros(_MESSAGE_BYTES + 1, np.uint8)
+    mine[0] = error is not None
+    mine[1 : 1 + len(text)] = np.frombuffer(text, np.uint8)
+    everyone = np.asarray(multihost_utils.process_allgather(mine, tiled=False))
+    failed = [p for p in range(everyone.shape[0]) if everyone[p, 0]]
+    if error is not None:
+        raise error
+    if failed:
+        p = failed[0]
+        message = bytes(everyone[p, 1:]).rstrip(b"\0").decode(errors="replace")
+        raise RuntimeError(f"process {p} of {everyone.shape[0]} failed, so this one stops too: {message}")
+    return result
 
 
 def _digest(value) -> bytes:
@@ -295,3 +346,118 @@ def run_nuts(
         keep_weights=keep_weights, progress=progress,
         part=_part() if count > 1 else None, gather=gather if count > 1 else None,
     )  # fmt: skip
+
+
+def kernel_moments(spec, X, n_networks: int, key, *, dtype="float64", batch_size: int | None = None):
+    """:func:`eft_prob.mc_kernels.kernel_moments` over ``n_networks`` prior networks split across
+    processes.
+
+    Process i draws networks ``ensemble.part_range(n_networks, (i, P))`` (network m from key m of
+    ``jax.random.split(key, M)``, as in one process) on its local devices and keeps float64 running
+    moments; the processes' (count, mean, M2) are gathered and merged in process order (Chan's
+    formula), so every process returns the same :class:`~eft_prob.mc_kernels.KernelMoments`, equal
+    to the single-process one up to the rounding of the merge order (≈ 1e-15 relative).  Needs
+    ``n_networks >= 2`` and at least one network per process.
+    """
+    from . import mc_kernels
+
+    M = ensemble._check_count("n_networks", n_networks)
+    key = ensemble._check_key(key)
+    _check_same_arguments(
+        spec=spec, X=np.asarray(X), n_networks=M, key=key, dtype=str(dtype), batch_size=batch_size
+    )  # fmt: skip
+    index, count = _part()
+    if count > M:
+        raise ValueError(f"n_networks={M} is fewer than the {count} processes: pass at least one network per process.")
+    _, (n, mean, m2) = _run_everywhere(
+        lambda: mc_kernels._partial_moments(spec, X, M, key, dtype, batch_size, None, (index, count))
+    )
+    parts = _gather_blocks(
+        {"n": np.array([n]), "mean": mean[None], "m2": m2[None]}, [1] * count, "one (count, mean, M2) per process"
+    )
+    _, mu, s = mc_kernels._merge(parts["n"], parts["mean"], parts["m2"])
+    var = s / (M - 1)
+    return mc_kernels.KernelMoments(mu[0], var[0], mu[1], var[1], M)
+
+
+def trained_marginals(
+    spec,
+    X,
+    y,
+    X_test,
+    learning_rate=None,
+    steps=None,
+    *,
+    batch_size: int | None = None,
+    progress: bool = False,
+    checkpoint=None,
+    memory_limit_gib=None,
+):
+    """:func:`eft_prob.theory.nlo_trained_marginals` with its batches of test inputs split across
+    processes.
+
+    The test inputs are cut into the batches of a single-process run (``batch_size``, default
+    32 − N_A); process i computes the contiguous block ``i·B // P .. (i+1)·B // P`` of the B batches
+    on its local devices (the last batch padded with copies as in one process), and the
+    per-test-input moments are gathered in process order, so every process returns the same
+    :class:`~eft_prob.theory.NLOTrainedMarginals`, equal to the single-process result (bit for bit
+    on CPUs, where each batch runs the same compiled program on the same inputs).  With fewer
+    batches than processes the last processes have nothing to do.  ``checkpoint``: a directory
+    shared by the processes (or one per host); process i of P resumes from
+    ``process_<i>_of_<P>.npz`` inside it.  ``progress``: each process prints its own batches (pass
+    ``progress=jax.process_index() == 0`` for one log).  ``memory_limit_gib`` applies per process
+    and may differ between them.  When the computation fails on some process (a
+    ``MemoryLimitError``, a bad argument), that process raises its error and every other one a
+    ``RuntimeError`` quoting it, instead of waiting for it.
+    """
+    from ._config import float64_theory
+    from ._validate import check_inputs
+    from .theory import training
+
+    @float64_theory
+    def run(X, y, X_test):
+        Xt = check_inputs(spec, X_test, "X_test")
+        nA, nB = np.shape(X)[0], Xt.shape[0]
+        bs = max(1, training._DENSE_TRAINED_MAX - nA) if batch_size is None else batch_size
+        bs = min(ensemble._check_count("batch_size", bs), nB)
+        n_batches = -(-nB // bs)
+        index, count = _part()
+        rows = [
+            (min(p * n_batches // count * bs, nB), min((p + 1) * n_batches // count * bs, nB)) for p in range(count)
+        ]
+        lo, hi = rows[index]
+        width = spec.widths[-2]
+
+        def local():
+            if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
+                raise ValueError(f"checkpoint must be a directory path or None, got {checkpoint!r}.")
+            if hi == lo:
+                return None
+            mine = Xt[lo:hi]
+            if hi - lo < bs:  # one short batch: pad it here (as one process does) to keep batch_size
+                mine = jnp.concatenate([mine, jnp.broadcast_to(Xt[-1:], (bs - (hi - lo), Xt.shape[1]))])
+            path = None
+            if checkpoint is not None:
+                os.makedirs(checkpoint, exist_ok=True)
+                path = os.path.join(os.fspath(checkpoint), f"process_{index}_of_{count}.npz")
+            r = training.nlo_trained_marginals(
+                spec, X, y, mine, learning_rate, steps, batch_size=bs, progress=progress, checkpoint=path,
+                memory_limit_gib=memory_limit_gib,
+            )  # fmt: skip
+            return r
+
+        r = _run_everywhere(local)
+        nL = spec.output_dim
+        if r is None:
+            mine = {"mean0": np.zeros((0, nL)), "cov0": np.zeros((0, nL, nL))}
+            mine.update(mean1=mine["mean0"], cov1=mine["cov0"])
+        else:
+            mine = {k: np.asarray(getattr(r, k))[: hi - lo] for k in training._MARGINAL_FIELDS}
+        out = _gather_blocks(mine, [b - a for a, b in rows], "its test inputs")
+        return training.NLOTrainedMarginals(*(jnp.asarray(out[k]) for k in training._MARGINAL_FIELDS), width)
+
+    _check_same_arguments(
+        spec=spec, X=np.asarray(X), y=np.asarray(y), X_test=np.asarray(X_test), learning_rate=learning_rate,
+        steps=steps, batch_size=batch_size,
+    )  # fmt: skip
+    return run(X, y, X_test)

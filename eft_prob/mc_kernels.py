@@ -41,7 +41,7 @@ from jax.sharding import PartitionSpec as P
 
 from . import nn
 from ._validate import check_inputs
-from .ensemble import _check_count, _check_devices, _check_dtype, _check_key
+from .ensemble import _check_count, _check_devices, _check_dtype, _check_key, part_range
 from .spec import MLPSpec
 
 __all__ = ["KernelMoments", "empirical_kernels", "kernel_moments"]
@@ -195,8 +195,10 @@ def _default_batch(spec: MLPSpec, N: int, per_device: int, platform: str, itemsi
     return -(-per_device // batches)
 
 
-def _setup(spec, X, n_networks, key, dtype, batch_size, devices):
-    """Validated arguments and the compiled program's inputs (shared with benchmarks/bench_reference.py)."""
+def _setup(spec, X, n_networks, key, dtype, batch_size, devices, part=None):
+    """Validated arguments and the compiled program's inputs (shared with benchmarks/bench_reference.py).
+    ``part=(i, P)``: only block i of the networks (``ensemble.part_range``), with their keys from the
+    split of all M."""
     M = _check_count("n_networks", n_networks)
     if M < 2:
         raise ValueError(f"n_networks must be at least 2 (the variance has divisor M - 1), got {n_networks!r}.")
@@ -205,16 +207,18 @@ def _setup(spec, X, n_networks, key, dtype, batch_size, devices):
     devices = _check_devices(devices)
     key = _check_key(key)
     X = check_inputs(spec, X).astype(dt)
+    block = part_range(M, part)
+    M_here = len(block)
     n_dev = len(devices)
-    per_device = -(-M // n_dev)
+    per_device = -(-M_here // n_dev)
     B = min(batch_size or _default_batch(spec, X.shape[0], per_device, devices[0].platform, dt.itemsize), per_device)
     steps = -(-per_device // B)
     padded = n_dev * steps * B
-    keys = jax.random.split(key, M)
+    keys = jax.random.split(key, M)[block.start : block.stop]
     weights = np.zeros(padded, np.float64)
-    weights[:M] = 1.0
-    if padded > M:  # padding networks (copies of the last key) get weight 0
-        keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], padded - M, axis=0)])
+    weights[:M_here] = 1.0
+    if padded > M_here:  # padding networks (copies of the last key) get weight 0
+        keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], padded - M_here, axis=0)])
     mesh = Mesh(np.asarray(devices), (_AXIS,))
     program = _cached_program(spec, dt, steps, B, mesh)
     args = (
@@ -238,6 +242,16 @@ def _merge(n, mean, m2):
         s = s + m2_d + d * d * (tot * n_d / new)
         tot = new
     return tot, mu, s
+
+
+def _partial_moments(spec, X, n_networks, key, dtype, batch_size, devices, part=None):
+    """(M, (count, mean, sum of squared deviations)) over the networks of ``part`` (all for None),
+    float64 NumPy; mean and M2 are (2, N, N) (NNGP metric, NTK).  eft_prob.distributed merges the
+    processes' parts with :func:`_merge`."""
+    with jax.enable_x64(True):
+        M, program, args = _setup(spec, X, n_networks, key, dtype, batch_size, devices, part)
+        n, mean, m2 = program(*args)
+    return M, _merge(n, mean, m2)
 
 
 def kernel_moments(
@@ -277,9 +291,6 @@ def kernel_moments(
         ``nngp_mean``, ``nngp_var``, ``ntk_mean``, ``ntk_var`` (N, N) and their standard errors
         ``nngp_sem``, ``ntk_sem``.
     """
-    with jax.enable_x64(True):
-        M, program, args = _setup(spec, X, n_networks, key, dtype, batch_size, devices)
-        n, mean, m2 = program(*args)
-    _, mu, s = _merge(n, mean, m2)
+    M, (_, mu, s) = _partial_moments(spec, X, n_networks, key, dtype, batch_size, devices)
     var = s / (M - 1)
     return KernelMoments(mu[0], var[0], mu[1], var[1], M)

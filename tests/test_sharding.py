@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 import eft_prob as ep
-from eft_prob import _arviz, distributed, ensemble, inference
+from eft_prob import _arviz, distributed, ensemble, inference, mc_kernels
+from eft_prob.theory import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,6 +41,17 @@ NUTS = dict(
     num_samples=20,
     seed=0,
     max_divergence_fraction=1.0,  # a tiny, short run: divergences are beside the point
+)
+# trained O(1/n) marginals: 5 test inputs in 3 batches of 2 (process 0 of 2 gets batch 0, process 1
+# batches 1 and 2, the last padded with a copy as in one process)
+MARGINALS = dict(
+    spec=ep.MLPSpec(2, (6,), 2, "tanh", C_b=0.1),
+    X=X,
+    y=np.sin(X[:, :1]) * np.ones((1, 2)),
+    X_test=np.random.default_rng(1).normal(size=(5, 2)),
+    learning_rate=0.1,
+    steps=20,
+    batch_size=2,
 )
 NUTS_GROUPS = ("posterior", "posterior_predictive", "log_likelihood", "sample_stats", "observed_data", "constant_data")
 
@@ -78,6 +90,12 @@ def flatten(idata) -> dict:
 @functools.cache
 def reference_ensembles():
     return ensembles()
+
+
+@functools.cache
+def reference_marginals(n_test=5):
+    args = dict(MARGINALS, X_test=MARGINALS["X_test"][:n_test])
+    return {k: np.asarray(v) for k, v in training.nlo_trained_marginals(**args)._asdict().items() if k != "width"}
 
 
 def _no_pmap(*args, **kwargs):
@@ -302,28 +320,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_on_loopback_gather_the_single_process_run(tmp_path):
-    """2 processes × 2 CPU devices through jax.distributed: the gathered prior and trained
-    ensembles equal the single-process ones exactly; the 5 NUTS chains (2 on process 0, one per
-    device; 3 on process 1, two rounds on 2 devices with one padding chain) gathered into one
-    InferenceData equal the single-device run, every group, bit for bit."""
+def _run_two_processes(script: str, tmp_path, timeout: int) -> list[str]:
+    """``script`` as processes 0 and 1 of a jax.distributed run on loopback (2 CPU devices each);
+    returns their stderr."""
     port = str(_free_port())
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _WORKER, str(i), port, str(tmp_path), f"dist{i}"],
+            [sys.executable, "-c", script, str(i), port, str(tmp_path), f"dist{i}"],
             **dict(env=_env(2), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
         )
         for i in range(2)
     ]
     try:
-        logs = [p.communicate(timeout=180)[1] for p in procs]
+        logs = [p.communicate(timeout=timeout)[1] for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
     assert all(p.returncode == 0 for p in procs), "\n\n".join(log[-3000:] for log in logs)
+    return logs
+
+
+@pytest.mark.slow
+def test_two_processes_on_loopback_gather_the_single_process_run(tmp_path):
+    """2 processes × 2 CPU devices through jax.distributed: the gathered prior and trained
+    ensembles equal the single-process ones exactly; the 5 NUTS chains (2 on process 0, one per
+    device; 3 on process 1, two rounds on 2 devices with one padding chain) gathered into one
+    InferenceData equal the single-device run, every group, bit for bit."""
+    _run_two_processes(_WORKER, tmp_path, timeout=180)
 
     ref = reference_ensembles()
     whole = train()
@@ -339,3 +364,84 @@ def test_two_processes_on_loopback_gather_the_single_process_run(tmp_path):
         _assert_nuts_equal(z, reference_nuts(), f"process {pid}")
         assert z["posterior.f_test"].shape == (5, 20, 2, 1)
     assert sorted(os.listdir(tmp_path / "ck")) == ["process_0", "process_1"]
+
+
+_MARGINALS_WORKER = _PRELUDE + textwrap.dedent(
+    """
+    from eft_prob import distributed
+    pid, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    assert distributed.initialize(f"127.0.0.1:{port}", 2, pid, timeout_s=60) == (pid, 2)
+    from tests.test_sharding import MARGINALS, PRIOR_SPEC, X
+    km = distributed.kernel_moments(PRIOR_SPEC, X, 9, jax.random.key(3))
+    ck = os.path.join(out, "ck")
+    m = distributed.trained_marginals(**MARGINALS, checkpoint=ck, progress=True)
+    again = distributed.trained_marginals(**MARGINALS, checkpoint=ck, progress=True)  # every batch stored
+    assert all(np.array_equal(a, b) for a, b in zip(m[:4], again[:4]))
+    one = distributed.trained_marginals(**dict(MARGINALS, X_test=MARGINALS["X_test"][:2]))  # process 0 idle
+    short = distributed.trained_marginals(**dict(MARGINALS, X_test=MARGINALS["X_test"][:3]))  # 1 + 1 padded
+    errors = []
+    for call in (
+        lambda: distributed.trained_marginals(**MARGINALS, memory_limit_gib=1e-6 if pid == 1 else None),
+        lambda: distributed.kernel_moments(PRIOR_SPEC, X, 9, jax.random.key(pid)),
+    ):
+        try:
+            call()
+            errors.append("")
+        except Exception as e:
+            errors.append(f"{type(e).__name__}: {e}")
+    np.savez(os.path.join(out, f"p{pid}.npz"), errors=np.array(errors), width=m.width,
+             **{f"km.{k}": v for k, v in km._asdict().items()},
+             **{f"m.{k}": np.asarray(v) for k, v in m._asdict().items() if k != "width"},
+             **{f"one.{k}": np.asarray(v) for k, v in one._asdict().items() if k != "width"},
+             **{f"short.{k}": np.asarray(v) for k, v in short._asdict().items() if k != "width"})
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_kernel_moments_and_the_trained_marginals(tmp_path):
+    """Monte Carlo kernel moments and trained O(1/n) marginals across 2 processes × 2 CPU devices:
+    the merged moments equal the single-process ones to rounding, the gathered marginals equal the
+    single-process run bit for bit (also with process 0 idle, and with process 1's one short batch
+    padded as in one process), each process resumes from its own
+    checkpoint, and a failure on one process makes every process raise instead of hanging."""
+    logs = _run_two_processes(_MARGINALS_WORKER, tmp_path, timeout=400)
+    km = mc_kernels.kernel_moments(PRIOR_SPEC, X, 9, jax.random.key(3))
+    ref, ref_one, ref_short = reference_marginals(), reference_marginals(2), reference_marginals(3)
+    for pid in range(2):
+        z = dict(np.load(tmp_path / f"p{pid}.npz"))
+        for k, v in km._asdict().items():
+            np.testing.assert_allclose(z[f"km.{k}"], v, rtol=1e-13, atol=0, err_msg=f"{pid} {k}")
+        for k, v in ref.items():
+            assert np.array_equal(z[f"m.{k}"], v), (pid, k)
+            assert np.array_equal(z[f"one.{k}"], ref_one[k]), (pid, k)
+            assert np.array_equal(z[f"short.{k}"], ref_short[k]), (pid, k)
+        assert int(z["width"]) == 6
+        memory, key = (str(e) for e in z["errors"])
+        if pid == 1:
+            assert memory.startswith("MemoryLimitError: nlo_trained_marginals"), memory
+        else:
+            assert memory.startswith("RuntimeError: process 1 of 2 failed") and "MemoryLimitError" in memory, memory
+        assert "key differ between processes" in key, (pid, key)
+    assert sorted(os.listdir(tmp_path / "ck")) == ["process_0_of_2.npz", "process_1_of_2.npz"]
+    assert "batch 1/1, 2/2 test inputs" in logs[0] and "batch 2/2, 3/3 test inputs" in logs[1]
+    assert all("resumed from" in log for log in logs)
+
+
+def test_one_process_kernel_moments_and_trained_marginals_are_the_local_ones(tmp_path):
+    """Without jax.distributed: distributed.kernel_moments / trained_marginals equal the local
+    functions exactly; the checkpoint is a directory holding process_0_of_1.npz."""
+    km = distributed.kernel_moments(PRIOR_SPEC, X, 9, jax.random.key(3))
+    local = mc_kernels.kernel_moments(PRIOR_SPEC, X, 9, jax.random.key(3))
+    for k, v in local._asdict().items():
+        assert np.array_equal(getattr(km, k), v), k
+    m = distributed.trained_marginals(**MARGINALS, checkpoint=tmp_path / "ck")
+    for k, v in reference_marginals().items():
+        assert np.array_equal(np.asarray(getattr(m, k)), v) and getattr(m, k).dtype == np.float64, k
+    assert os.listdir(tmp_path / "ck") == ["process_0_of_1.npz"]
+    with pytest.raises(ValueError, match="checkpoint must be a directory path"):
+        distributed.trained_marginals(**MARGINALS, checkpoint=3)
+    with pytest.raises(ValueError, match="batch_size"):
+        distributed.trained_marginals(**dict(MARGINALS, batch_size=0))
+    with pytest.raises(ValueError, match="n_networks must be at least 2"):
+        distributed.kernel_moments(PRIOR_SPEC, X, 1, jax.random.key(3))
