@@ -1069,7 +1069,10 @@ def _load_runner():
 
 def _run_stage(log: _Log, ck, name: str, msg: str, compute):
     """One checkpointed stage: ``compute()`` -> (groups, info); loaded instead when --resume finds it."""
-    if ck is not None and (hit := ck.load(name)) is not None:
+    hit = ck.load(name) if ck is not None else None
+    if jax.process_count() > 1:  # eft-prob run --distributed: every process follows process 0's checkpoints
+        hit = _from_lead(hit)
+    if hit is not None:
         groups, info = hit
         log.note(f"{msg}: resumed from checkpoint {name} (skipped)")
         for text in info.get("warnings", []):
@@ -1088,7 +1091,7 @@ def _stages(log: _Log, cfg: Config, data: Data, sizes: dict, th: dict, ck, runne
     comps = cfg["run"]["comparisons"]
     lr, steps, draws = cfg["training"]["learning_rate"], sizes["steps"], sizes["theory_draws"]
     sweep = cfg["run"]["widths"] is not None
-    progress = runner.stderr_is_tty()
+    progress = runner.stderr_is_tty() and jax.process_index() == 0
     groups: dict = {}
     reasons: dict = {}
     rows: list = []
@@ -1292,10 +1295,78 @@ def _fingerprint_payload(cfg: Config, data: Data, sizes: dict) -> dict:
     }
 
 
+def _connect(args) -> tuple[int, int]:
+    """jax.distributed for --distributed / --coordinator: (process index, count).  Without them, JAX's
+    own (0, 1 unless the calling program already connected the processes)."""
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if not args.distributed and all(v is None for v in explicit):
+        return jax.process_index(), jax.process_count()
+    from . import distributed
+
+    flags = "--coordinator HOST:PORT --num-processes P --process-id I"
+    try:
+        if any(v is not None for v in explicit):
+            if not all(v is not None for v in explicit):
+                raise ValueError(f"pass {flags} together")
+            return distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        return distributed.initialize()
+    except (ValueError, RuntimeError) as e:
+        raise SpecError(
+            f"--distributed: cannot connect the processes ({' '.join(str(e).split())}). Fix: pass {flags} "
+            "(the same coordinator and count on every process), or run under SLURM / Open MPI."
+        ) from None
+
+
+def _from_lead(obj):
+    """Process 0's ``obj`` on every process (pickled; a collective)."""
+    import pickle
+
+    from jax.experimental import multihost_utils
+
+    data = pickle.dumps(obj) if jax.process_index() == 0 else b""
+    with jax.enable_x64(True):
+        sizes = np.asarray(multihost_utils.process_allgather(np.array([len(data)], np.int64), tiled=False))
+    buf = np.zeros(int(sizes[0, 0]), np.uint8)
+    if data:
+        buf[:] = np.frombuffer(data, np.uint8)
+    everyone = np.asarray(multihost_utils.process_allgather(buf, tiled=False))
+    return pickle.loads(everyone[0].tobytes())
+
+
+def _on_lead(fn):
+    """``fn()`` on process 0 (None on the others); with several processes a failure there stops every
+    process (SpecError quoting it) instead of leaving them waiting in the next collective."""
+    if jax.process_count() == 1:
+        return fn()
+    from .distributed import _run_everywhere
+
+    try:
+        return _run_everywhere(lambda: fn() if jax.process_index() == 0 else None)
+    except RuntimeError as e:
+        if jax.process_index() == 0:
+            raise
+        raise SpecError(str(e)) from None
+
+
 def _cmd_run(args, log: _Log) -> int:
+    index, count = _connect(args)  # before any JAX computation
+    if index:  # process 0 reports and writes; the others compute their parts quietly
+        quiet = open(os.devnull, "w")  # for the life of the process
+        log = _Log(stream=quiet, progress=quiet)
     cfg = load_spec(args.spec)
     smoke = bool(args.smoke) or _smoke_from_env()
     sizes = _sizes(cfg, smoke)
+    comps = cfg["run"]["comparisons"]
+    for section, key, size, used in (
+        ("prior", "n_networks", "prior_networks", "initialization" in comps),
+        ("training", "n_networks", "training_networks", "training" in comps),
+        ("nuts", "num_chains", "num_chains", "bayes" in comps),
+    ):
+        if used and sizes[size] < count:  # every process needs a network or chain of its own
+            raise SpecError(
+                f"{cfg.where_spec(section, key)} = {sizes[size]}{' (--smoke)' if smoke else ''} is fewer than the "
+                f"{count} processes. Fix: raise it to at least {count}, or run fewer processes."
+            )
     if args.check:
         data = make_data(cfg)
         _header(log, cfg, data, sizes, smoke)
@@ -1304,23 +1375,28 @@ def _cmd_run(args, log: _Log) -> int:
     if args.resume and not args.out:
         raise SpecError("--resume needs --out DIR (the directory of the interrupted run). Fix: add --out DIR.")
     runner = _load_runner()
-    out = _OutDir(args.out) if args.out else None
+    out = _on_lead(lambda: _OutDir(args.out) if args.out else None)
     ck = None
     try:
         enable_x64()
         data = make_data(cfg)
         _header(log, cfg, data, sizes, smoke)
         th = _theory(log, cfg, data, sizes["steps"], strict="training" in cfg["run"]["comparisons"])
-        if out:
+
+        def checkpoints():
+            if not out:
+                return None
             payload = _fingerprint_payload(cfg, data, sizes)
             try:
-                ck = runner.Checkpoints(out.path, runner.fingerprint(payload), payload, bool(args.resume))
+                return runner.Checkpoints(out.path, runner.fingerprint(payload), payload, bool(args.resume))
             except runner.StageError as e:
                 raise SpecError(str(e)) from None
             except OSError as e:
                 raise SpecError(
                     f"--out {out.path}: cannot write checkpoints ({e.strerror or e}). Fix: choose a writable directory."
                 ) from None
+
+        ck = _on_lead(checkpoints)
         res = _stages(log, cfg, data, sizes, th, ck, runner)
         rows = res["rows"]
         verdict = runner.verdict(rows, cfg.spec.aspect_ratio)
@@ -1551,6 +1627,7 @@ examples:
   eft-prob run --smoke --out /tmp/eft       quick check of the installation
   eft-prob run models/relu.toml --out relu  ReLU: 1/n corrections to the prior's kurtosis
   eft-prob run models/training.toml --out sweep --resume    continue an interrupted run
+  srun -N 4 eft-prob run models/bayesian.toml --out bayes --distributed    one run on 4 hosts
 
 performance: on the CPU backend the trained ensemble is compiled one network at a time and the
 prior ensemble 16 at a time (faster there than large batches); set chunk_size in [prior] or
@@ -1593,6 +1670,21 @@ def _parser() -> argparse.ArgumentParser:
         "chain) for a check in well under a minute (also EFT_PROB_SMOKE=1)",
     )
     run.add_argument("--check", action="store_true", help="validate SPEC (and its data) and exit; computes nothing")
+    dist = run.add_argument_group(
+        "several processes (hosts)",
+        "run one copy of the same command per host (or per GPU): the ensembles, the NUTS chains and the "
+        "trained O(1/n) marginals are split across the processes (eft_prob.distributed) and gathered; "
+        "process 0 prints the report and writes --out (with --resume, process 0's checkpoints decide "
+        "which stages are loaded, and every process receives them)",
+    )
+    dist.add_argument(
+        "--distributed",
+        action="store_true",
+        help="connect through jax.distributed with the cluster detected (SLURM, Open MPI)",
+    )
+    dist.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's host and a free port (with the next two)")
+    dist.add_argument("--num-processes", type=int, metavar="P", help="number of processes")
+    dist.add_argument("--process-id", type=int, metavar="I", help="this process's index in [0, P)")
     th = sub.add_parser(
         "theory",
         help="the analytic (infinite-width) predictions only",

@@ -257,7 +257,13 @@ def _trained_marginal_group(spec, X, y, X_test, lr, steps, checkpoint, progress)
     """The O(1/n) trained Gaussian of every test input, independent across them (block-diagonal)."""
     from .theory import nlo_trained_marginals
 
-    m = nlo_trained_marginals(spec, X, y, X_test, lr, steps, progress=progress, checkpoint=checkpoint).at()
+    if jax.process_count() > 1:  # eft-prob run across processes: each takes a block of the batches
+        from .distributed import trained_marginals
+
+        folder = None if checkpoint is None else os.path.splitext(os.fspath(checkpoint))[0] + ".processes"
+        m = trained_marginals(spec, X, y, X_test, lr, steps, progress=progress, checkpoint=folder).at()
+    else:
+        m = nlo_trained_marginals(spec, X, y, X_test, lr, steps, progress=progress, checkpoint=checkpoint).at()
     blocks = [_psd_cholesky(c) for c in _np(m.cov)]
     nB, nL = len(blocks), spec.output_dim
     L = np.zeros((nB * nL, nB * nL))
@@ -292,12 +298,25 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: " + " ".join(str(e).split())
 
 
+def _part():
+    """(process index, count) when ``eft-prob run`` runs across jax.distributed processes, else None."""
+    return (jax.process_index(), jax.process_count()) if jax.process_count() > 1 else None
+
+
 def prior_ensemble(spec, X_test, M, seed, chunk_size) -> xr.Dataset:
-    f = _np(ensemble.prior_outputs(spec, X_test, M, jax.random.key(seed), chunk_size=chunk_size))
+    part = _part()
+    f = _np(ensemble.prior_outputs(spec, X_test, M, jax.random.key(seed), chunk_size=chunk_size, part=part))
+    if part is not None:
+        from .distributed import gather
+
+        f = gather(f, M)
     return f_group(f, {"n_networks": M, "seed": seed})
 
 
 def trained_ensemble(spec, data, M, lr, steps, seed, chunk_size, checkpoint, progress):
+    part = _part()
+    if part is not None and checkpoint is not None:  # one subdirectory per process, as distributed.trained_ensemble
+        checkpoint = os.path.join(os.fspath(checkpoint), f"process_{part[0]}")
     res = ensemble.train(
         spec,
         data.X,
@@ -310,7 +329,12 @@ def trained_ensemble(spec, data, M, lr, steps, seed, chunk_size, checkpoint, pro
         chunk_size=chunk_size,
         checkpoint=checkpoint,
         progress=progress,
+        part=part,
     )
+    if part is not None:
+        from .distributed import gather
+
+        res = type(res)(**gather(res._asdict(), M))
     test_final, train_final = _np(res.test_final), _np(res.train_final)
     # diverged networks are stopped at their last finite state, so finite outputs alone do not mean converged
     ok = ~np.asarray(res.diverged) & np.all(np.isfinite(test_final), axis=(1, 2))
@@ -323,7 +347,10 @@ def trained_ensemble(spec, data, M, lr, steps, seed, chunk_size, checkpoint, pro
 
 
 def nuts(spec, data, noise_var, n, progress) -> dict[str, xr.Dataset]:
-    idata = run_nuts(
+    sampler = run_nuts
+    if _part() is not None:  # the chains split across processes and gathered
+        from .distributed import run_nuts as sampler
+    idata = sampler(
         spec,
         data.X,
         data.y,

@@ -380,6 +380,24 @@ def test_resume_needs_out(capsys):
     assert "--out" in _one_line_error(capsys)
 
 
+@pytest.mark.parametrize(
+    ("argv", "names"),
+    [
+        (["--coordinator", "127.0.0.1:1234"], "together"),
+        (["--num-processes", "2", "--process-id", "0"], "together"),
+        (["--coordinator", "127.0.0.1", "--num-processes", "2", "--process-id", "0"], "coordinator_address must be"),
+        (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"], "process_id must be"),
+    ],
+)
+def test_distributed_flags_are_checked_before_connecting(argv, names, capsys):
+    """eft-prob run across processes: bad --coordinator / --num-processes / --process-id exit 2 naming
+    the flags, before anything connects or computes (the two-process run: tests/test_sharding.py)."""
+    assert cli.main(["run", "--smoke", *argv]) == 2
+    line = _one_line_error(capsys)
+    assert "--distributed: cannot connect the processes" in line and names in line
+    assert "--coordinator HOST:PORT --num-processes P --process-id I" in line
+
+
 def test_outputs_are_all_or_nothing(tmp_path):
     """A failure while writing the outputs (here: the third file) leaves none of them, nor temporaries."""
     out = cli._OutDir(str(tmp_path / "o"))

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import eft_prob as ep
-from eft_prob import _arviz, distributed, ensemble, inference, mc_kernels
+from eft_prob import _arviz, distributed, ensemble, inference, mc_kernels, runner
 from eft_prob.theory import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,6 +53,7 @@ MARGINALS = dict(
     steps=20,
     batch_size=2,
 )
+NUTS_SETTINGS = dict(num_chains=5, num_warmup=30, num_samples=20, seed=0, target_accept=0.9)  # runner.nuts's n
 NUTS_GROUPS = ("posterior", "posterior_predictive", "log_likelihood", "sample_stats", "observed_data", "constant_data")
 
 
@@ -307,9 +308,23 @@ _WORKER = _PRELUDE + textwrap.dedent(
         error = str(e)
     g = _arviz.get_group(trained, "trained_ensemble")
     attrs = _arviz.get_attrs(idata)
+    # the same three through the main job's runner (eft-prob run --distributed)
+    from types import SimpleNamespace
+    from eft_prob import runner
+    from tests.test_sharding import NUTS_SETTINGS, TRAIN
+    r_prior = runner.prior_ensemble(PRIOR_SPEC, X, 21, 1, 2)
+    data = SimpleNamespace(**{k: TRAIN[k] for k in ("X", "y", "X_test")})
+    r_train = runner.trained_ensemble(TRAIN["spec"], data, 7, 0.1, 20, 2, 1, os.path.join(out, "rck"), False)
+    data = SimpleNamespace(**{k: NUTS[k] for k in ("X", "y", "X_test")})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tiny run's divergences
+        r_nuts = runner.nuts(NUTS["spec"], data, NUTS["noise_var"], NUTS_SETTINGS, False)
     np.savez(os.path.join(out, f"p{pid}.npz"), prior=_arviz.get_group(prior, "prior_ensemble")["f_test"].values,
              error=error, chain_method=attrs["chain_method"], process_count=attrs["process_count"],
-             **{f"trained.{v}": g[v].values for v in g.data_vars}, **flatten(idata))
+             **{f"trained.{v}": g[v].values for v in g.data_vars}, **flatten(idata),
+             **{"runner.prior": r_prior["f_test"].values, "runner.trained": r_train["f_test"].values,
+                "runner.residual": r_train["train_residual"].values,
+                "runner.nuts": r_nuts["posterior"]["f_test"].values})
     """
 )
 
@@ -364,6 +379,19 @@ def test_two_processes_on_loopback_gather_the_single_process_run(tmp_path):
         _assert_nuts_equal(z, reference_nuts(), f"process {pid}")
         assert z["posterior.f_test"].shape == (5, 20, 2, 1)
     assert sorted(os.listdir(tmp_path / "ck")) == ["process_0", "process_1"]
+    # eft-prob run's runner: part + gather on every process = the single-process groups
+    from types import SimpleNamespace
+
+    r_prior = runner.prior_ensemble(PRIOR_SPEC, X, 21, 1, 2)["f_test"].values
+    data = SimpleNamespace(**{k: TRAIN[k] for k in ("X", "y", "X_test")})
+    r_train = runner.trained_ensemble(TRAIN["spec"], data, 7, 0.1, 20, 2, 1, None, False)
+    for pid in range(2):
+        z = dict(np.load(tmp_path / f"p{pid}.npz"))
+        assert np.array_equal(z["runner.prior"], r_prior), pid
+        assert np.array_equal(z["runner.trained"], r_train["f_test"].values), pid
+        assert np.array_equal(z["runner.residual"], r_train["train_residual"].values), pid
+        assert np.array_equal(z["runner.nuts"], flatten(reference_nuts())["posterior.f_test"]), pid
+    assert sorted(os.listdir(tmp_path / "rck")) == ["process_0", "process_1"]
 
 
 _MARGINALS_WORKER = _PRELUDE + textwrap.dedent(
@@ -379,7 +407,39 @@ _MARGINALS_WORKER = _PRELUDE + textwrap.dedent(
     assert all(np.array_equal(a, b) for a, b in zip(m[:4], again[:4]))
     one = distributed.trained_marginals(**dict(MARGINALS, X_test=MARGINALS["X_test"][:2]))  # process 0 idle
     short = distributed.trained_marginals(**dict(MARGINALS, X_test=MARGINALS["X_test"][:3]))  # 1 + 1 padded
-    errors = []
+    # the main job's pieces: runner's order-1 trained group (3 + 5 inputs above a lowered dense limit:
+    # one test input at a time, batches of 2) and cli's stages, which follow process 0's checkpoints
+    from eft_prob import cli, runner
+    from eft_prob.theory import training
+    training._DENSE_TRAINED_MAX = 5
+    args = [MARGINALS[k] for k in ("spec", "X", "y", "X_test", "learning_rate", "steps")]
+    group = runner._trained_marginal_group(*args, os.path.join(out, "tm.partial.npz"), False)
+
+    class Stored:
+        saved = []
+        def load(self, name):
+            return ({"g": "stored"}, {"warnings": []}) if name == "stored" else None
+        def save(self, name, groups, info):
+            self.saved.append(name)
+
+    ck = Stored() if pid == 0 else None
+    log = cli._Log(stream=open(os.devnull, "w"), progress=open(os.devnull, "w"))
+    calls = []
+    stored = cli._run_stage(log, ck, "stored", "m", lambda: calls.append("stored") or ({"g": "computed"}, {}))
+    fresh = cli._run_stage(log, ck, "fresh", "m", lambda: calls.append("fresh") or ({"g": f"computed {pid}"}, {}))
+    assert stored[0] == {"g": "stored"} and fresh[0] == {"g": f"computed {pid}"} and calls == ["fresh"]
+    assert Stored.saved == (["fresh"] if pid == 0 else [])
+    def cannot_write():
+        raise cli.SpecError("--out x: cannot write there")
+    try:
+        cli._on_lead(cannot_write)
+        lead_error = ""
+    except cli.SpecError as e:
+        lead_error = str(e)
+    errors = [lead_error]
+    # in a program that connected the processes, the main job splits its work too: a single NUTS chain
+    # (--smoke) cannot be split across 2 processes, which the command says before computing anything
+    assert cli.main(["run", "models/bayesian.toml", "--smoke"]) == 2
     for call in (
         lambda: distributed.trained_marginals(**MARGINALS, memory_limit_gib=1e-6 if pid == 1 else None),
         lambda: distributed.kernel_moments(PRIOR_SPEC, X, 9, jax.random.key(pid)),
@@ -393,19 +453,24 @@ _MARGINALS_WORKER = _PRELUDE + textwrap.dedent(
              **{f"km.{k}": v for k, v in km._asdict().items()},
              **{f"m.{k}": np.asarray(v) for k, v in m._asdict().items() if k != "width"},
              **{f"one.{k}": np.asarray(v) for k, v in one._asdict().items() if k != "width"},
-             **{f"short.{k}": np.asarray(v) for k, v in short._asdict().items() if k != "width"})
+             **{f"short.{k}": np.asarray(v) for k, v in short._asdict().items() if k != "width"},
+             group_mean=np.asarray(group.loc), group_tril=np.asarray(group.scale_tril))
     """
 )
 
 
 @pytest.mark.slow
-def test_two_processes_split_the_kernel_moments_and_the_trained_marginals(tmp_path):
+def test_two_processes_split_the_kernel_moments_and_the_trained_marginals(tmp_path, monkeypatch):
     """Monte Carlo kernel moments and trained O(1/n) marginals across 2 processes × 2 CPU devices:
     the merged moments equal the single-process ones to rounding, the gathered marginals equal the
     single-process run bit for bit (also with process 0 idle, and with process 1's one short batch
     padded as in one process), each process resumes from its own
     checkpoint, and a failure on one process makes every process raise instead of hanging."""
     logs = _run_two_processes(_MARGINALS_WORKER, tmp_path, timeout=400)
+    monkeypatch.setattr(training, "_DENSE_TRAINED_MAX", 5)
+    args = [MARGINALS[k] for k in ("spec", "X", "y", "X_test", "learning_rate", "steps")]
+    group = runner._trained_marginal_group(*args, None, False)
+    assert sorted(os.listdir(tmp_path / "tm.partial.processes")) == ["process_0_of_2.npz", "process_1_of_2.npz"]
     km = mc_kernels.kernel_moments(PRIOR_SPEC, X, 9, jax.random.key(3))
     ref, ref_one, ref_short = reference_marginals(), reference_marginals(2), reference_marginals(3)
     for pid in range(2):
@@ -417,7 +482,13 @@ def test_two_processes_split_the_kernel_moments_and_the_trained_marginals(tmp_pa
             assert np.array_equal(z[f"one.{k}"], ref_one[k]), (pid, k)
             assert np.array_equal(z[f"short.{k}"], ref_short[k]), (pid, k)
         assert int(z["width"]) == 6
-        memory, key = (str(e) for e in z["errors"])
+        lead, memory, key = (str(e) for e in z["errors"])
+        if pid == 0:
+            assert lead == "--out x: cannot write there", lead
+        else:
+            assert lead == "process 0 of 2 failed, so this one stops too: SpecError: --out x: cannot write there"
+        np.testing.assert_array_equal(z["group_mean"], group.loc)
+        np.testing.assert_array_equal(z["group_tril"], group.scale_tril)
         if pid == 1:
             assert memory.startswith("MemoryLimitError: nlo_trained_marginals"), memory
         else:
@@ -425,6 +496,8 @@ def test_two_processes_split_the_kernel_moments_and_the_trained_marginals(tmp_pa
         assert "key differ between processes" in key, (pid, key)
     assert sorted(os.listdir(tmp_path / "ck")) == ["process_0_of_2.npz", "process_1_of_2.npz"]
     assert "batch 1/1, 2/2 test inputs" in logs[0] and "batch 2/2, 3/3 test inputs" in logs[1]
+    fewer = "[nuts] num_chains = 1 (--smoke) is fewer than the 2 processes. Fix: raise it to at least 2"
+    assert all(fewer in log for log in logs)
     assert all("resumed from" in log for log in logs)
 
 
@@ -445,3 +518,101 @@ def test_one_process_kernel_moments_and_trained_marginals_are_the_local_ones(tmp
         distributed.trained_marginals(**dict(MARGINALS, batch_size=0))
     with pytest.raises(ValueError, match="n_networks must be at least 2"):
         distributed.kernel_moments(PRIOR_SPEC, X, 1, jax.random.key(3))
+
+
+_CLI_SPEC = """
+[model]
+input_dim = 1
+hidden = [8]
+output_dim = 1
+activation = "tanh"
+C_b = 0.1
+
+[run]
+comparisons = ["initialization", "training", "bayes"]
+theory_draws = 50
+
+[data]
+generator = "sine"
+n_train = 3
+n_test = 4
+
+[prior]
+n_networks = 64
+chunk_size = 8
+
+[training]
+learning_rate = 0.2
+steps = 20
+n_networks = 8
+
+[bayes]
+noise_var = 0.01
+
+[nuts]
+num_chains = 2
+num_warmup = 20
+num_samples = 20
+"""
+
+_CLI_WORKER = textwrap.dedent(
+    """
+    import os, sys
+    from eft_prob.theory import training
+    training._DENSE_TRAINED_MAX = 4  # 3 + 4 inputs: the order-1 trained group one test input at a time
+    from eft_prob import cli
+    pid, port, out = sys.argv[1], sys.argv[2], sys.argv[3]
+    argv = ["run", os.path.join(out, "spec.toml"), "--out", os.path.join(out, "single" if pid == "single" else "out")]
+    if pid != "single":
+        argv += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", pid]
+    sys.exit(cli.main(argv + sys.argv[5:]))
+    """
+)
+
+
+def _two_main_jobs(tmp_path, *extra) -> list[tuple[str, str]]:
+    """_CLI_WORKER as processes 0 and 1 on loopback; their (stdout, stderr)."""
+    port = str(_free_port())
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _CLI_WORKER, str(i), port, str(tmp_path), f"dist{i}", *extra],
+                         **dict(env=_env(2), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        for i in range(2)
+    ]  # fmt: skip
+    try:
+        outs = [p.communicate(timeout=900) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert all(p.returncode == 0 for p in procs), outs[0][1][-3000:] + outs[1][1][-3000:]
+    return outs
+
+
+@pytest.mark.heavy
+def test_main_job_across_two_processes_equals_one_process(tmp_path):
+    """eft-prob run with --coordinator/--num-processes/--process-id on loopback (2 processes × 2 CPU
+    devices, the same --out): process 0 writes the one results.nc, equal group by group to a
+    single-process run (prior and trained ensembles, NUTS chains, the order-1 trained marginals split
+    by batches); process 1 reports nothing; --resume loads every stage from process 0's checkpoints
+    on both processes.  Several minutes on 2 cores."""
+    from eft_prob import _arviz
+
+    (tmp_path / "spec.toml").write_text(_CLI_SPEC)
+    r = subprocess.run([sys.executable, "-c", _CLI_WORKER, "single", "0", str(tmp_path), "single"], env=_env(2),
+                       cwd=ROOT, capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    outs = _two_main_jobs(tmp_path)
+    quiet = lambda text: [x for x in text.splitlines() if not x.startswith("[Gloo]")] == []
+    assert "verdict:" in outs[0][0] and quiet(outs[1][0]) and "done in" not in outs[1][1]
+    one, two = (runner.read_idata(str(tmp_path / d / "results.nc")) for d in ("single", "out"))
+    groups = set(_arviz.group_names(one))
+    assert groups == set(_arviz.group_names(two)) and {"prior_ensemble", "trained_ensemble", "posterior"} <= groups
+    for g in groups:
+        a, b = _arviz.get_group(one, g), _arviz.get_group(two, g)
+        assert set(a.data_vars) == set(b.data_vars), g
+        for v in a.data_vars:
+            assert np.array_equal(a[v].values, b[v].values, equal_nan=True), (g, v)
+    assert _arviz.get_group(two, "trained_theory_order1").attrs["marginal"] == 1
+    outs = _two_main_jobs(tmp_path, "--resume")  # every stage from process 0's checkpoints, on both processes
+    assert outs[0][1].count("resumed from checkpoint") == 6 and quiet(outs[1][0]) and "resumed" not in outs[1][1]
