@@ -31,7 +31,10 @@ order.  Network m and chain c keep the keys of a single-process run, so:
 * :func:`trained_marginals` gives each process a contiguous block of the batches of test inputs of
   :func:`eft_prob.theory.nlo_trained_marginals` (bit-identical to one process on CPUs).
 
-Every process returns the same InferenceData or result (write it from process 0).  Every process must make
+Every process returns the same InferenceData or result (write it from process 0).  When the local
+part of ``prior_ensemble``, ``trained_ensemble``, ``kernel_moments`` or ``trained_marginals`` fails on
+some process (a checkpoint of another run, a memory limit, ...), that process raises its error and
+every other process a ``RuntimeError`` quoting it, instead of waiting for it in the gather.  Every process must make
 the same calls in the same order with the same arguments; the functions check that the arguments
 agree and raise ``ValueError`` on every process otherwise.
 """
@@ -231,7 +234,7 @@ def prior_ensemble(spec, X_test, n_networks: int, key, *, chunk_size: int | None
     M = ensemble._check_count("n_networks", n_networks)
     key = ensemble._check_key(key)
     _check_same_arguments(spec=spec, X_test=np.asarray(X_test), n_networks=M, key=key, chunk_size=chunk_size)
-    f = ensemble.prior_outputs(spec, X_test, M, key, chunk_size=chunk_size, part=_part())
+    f = _run_everywhere(lambda: ensemble.prior_outputs(spec, X_test, M, key, chunk_size=chunk_size, part=_part()))
     f = gather(f, M)
     attrs = {"n_networks": M, "process_count": jax.process_count()}
     return _arviz.make_inference_data({"prior_ensemble": f_group(f, attrs)}, attrs)
@@ -265,20 +268,25 @@ def trained_ensemble(
     """
     M = ensemble._check_count("n_networks", n_networks)
     key = ensemble._check_key(key)
-    if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
-        raise ValueError(f"checkpoint must be a directory path or None, got {checkpoint!r}.")
     _check_same_arguments(
         spec=spec, X=np.asarray(X), y=np.asarray(y), X_test=np.asarray(X_test), n_networks=M,
         learning_rate=learning_rate, steps=steps, key=key, dtype=str(dtype), chunk_size=chunk_size,
         batch_size=batch_size,
     )  # fmt: skip
     index, count = _part()
-    if checkpoint is not None and count > 1:
-        checkpoint = os.path.join(os.fspath(checkpoint), f"process_{index}")
-    res = ensemble.train(
-        spec, X, y, X_test, M, learning_rate, steps, key, dtype=dtype, chunk_size=chunk_size,
-        batch_size=batch_size, checkpoint=checkpoint, progress=progress, part=(index, count),
-    )  # fmt: skip
+
+    def local():  # a checkpoint may be wrong on one process only: every process hears of it
+        path = checkpoint
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise ValueError(f"checkpoint must be a directory path or None, got {path!r}.")
+        if path is not None and count > 1:
+            path = os.path.join(os.fspath(path), f"process_{index}")
+        return ensemble.train(
+            spec, X, y, X_test, M, learning_rate, steps, key, dtype=dtype, chunk_size=chunk_size,
+            batch_size=batch_size, checkpoint=path, progress=progress, part=(index, count),
+        )  # fmt: skip
+
+    res = _run_everywhere(local)
     r = gather(res._asdict(), M)
     S, F = ("chain", "draw"), ("chain", "draw", "obs", "output")
     attrs = {

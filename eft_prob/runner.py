@@ -305,11 +305,13 @@ def _part():
 
 def prior_ensemble(spec, X_test, M, seed, chunk_size) -> xr.Dataset:
     part = _part()
-    f = _np(ensemble.prior_outputs(spec, X_test, M, jax.random.key(seed), chunk_size=chunk_size, part=part))
-    if part is not None:
-        from .distributed import gather
+    draw = lambda: _np(ensemble.prior_outputs(spec, X_test, M, jax.random.key(seed), chunk_size=chunk_size, part=part))
+    if part is None:
+        f = draw()
+    else:
+        from .distributed import _run_everywhere, gather
 
-        f = gather(f, M)
+        f = gather(_run_everywhere(draw), M)
     return f_group(f, {"n_networks": M, "seed": seed})
 
 
@@ -317,7 +319,7 @@ def trained_ensemble(spec, data, M, lr, steps, seed, chunk_size, checkpoint, pro
     part = _part()
     if part is not None and checkpoint is not None:  # one subdirectory per process, as distributed.trained_ensemble
         checkpoint = os.path.join(os.fspath(checkpoint), f"process_{part[0]}")
-    res = ensemble.train(
+    train = lambda: ensemble.train(
         spec,
         data.X,
         data.y,
@@ -331,9 +333,12 @@ def trained_ensemble(spec, data, M, lr, steps, seed, chunk_size, checkpoint, pro
         progress=progress,
         part=part,
     )
-    if part is not None:
-        from .distributed import gather
+    if part is None:
+        res = train()
+    else:  # a failure on one process (its checkpoint) stops every process instead of blocking the gather
+        from .distributed import _run_everywhere, gather
 
+        res = _run_everywhere(train)
         res = type(res)(**gather(res._asdict(), M))
     test_final, train_final = _np(res.test_final), _np(res.train_final)
     # diverged networks are stopped at their last finite state, so finite outputs alone do not mean converged

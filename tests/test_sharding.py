@@ -299,6 +299,11 @@ _WORKER = _PRELUDE + textwrap.dedent(
     from eft_prob import _arviz
     prior = distributed.prior_ensemble(PRIOR_SPEC, X, 21, jax.random.key(1), chunk_size=2)
     trained = train(distributed.trained_ensemble, checkpoint=os.path.join(out, "ck"))
+    try:  # a mistake on process 1 only: both processes raise instead of process 0 waiting in the gather
+        train(distributed.trained_ensemble, checkpoint=3 if pid == 1 else None)
+        one_sided = ""
+    except Exception as e:
+        one_sided = f"{type(e).__name__}: {e}"
     args = dict(NUTS)
     idata = distributed.run_nuts(args.pop("spec"), args.pop("X"), args.pop("y"), args.pop("X_test"), **args)
     try:  # a process-dependent key is the classic mistake
@@ -320,7 +325,7 @@ _WORKER = _PRELUDE + textwrap.dedent(
         warnings.simplefilter("ignore")  # the tiny run's divergences
         r_nuts = runner.nuts(NUTS["spec"], data, NUTS["noise_var"], NUTS_SETTINGS, False)
     np.savez(os.path.join(out, f"p{pid}.npz"), prior=_arviz.get_group(prior, "prior_ensemble")["f_test"].values,
-             error=error, chain_method=attrs["chain_method"], process_count=attrs["process_count"],
+             error=error, one_sided=one_sided, chain_method=attrs["chain_method"], process_count=attrs["process_count"],
              **{f"trained.{v}": g[v].values for v in g.data_vars}, **flatten(idata),
              **{"runner.prior": r_prior["f_test"].values, "runner.trained": r_train["f_test"].values,
                 "runner.residual": r_train["train_residual"].values,
@@ -375,6 +380,9 @@ def test_two_processes_on_loopback_gather_the_single_process_run(tmp_path):
         for var, field in fields.items():
             assert np.array_equal(z[f"trained.{var}"][0], getattr(whole, field)), (pid, var)
         assert "key differ between processes" in str(z["error"]), pid
+        one_sided = str(z["one_sided"])
+        assert "checkpoint must be a directory path or None, got 3" in one_sided, pid
+        assert one_sided.startswith(("RuntimeError: process 1 of 2 failed", "ValueError: checkpoint")[pid]), pid
         assert int(z["process_count"]) == 2 and str(z["chain_method"]) == ("parallel", "sharded")[pid]
         _assert_nuts_equal(z, reference_nuts(), f"process {pid}")
         assert z["posterior.f_test"].shape == (5, 20, 2, 1)
