@@ -223,6 +223,16 @@ def _part() -> tuple[int, int]:
     return jax.process_index(), jax.process_count()
 
 
+def _prior_outputs(spec, X_test, n_networks, key, chunk_size):
+    """(M, the gathered prior_outputs (M, N, n_L) as NumPy): the computation of :func:`prior_ensemble`
+    (also eft-prob run's, without the InferenceData)."""
+    M = ensemble._check_count("n_networks", n_networks)
+    key = ensemble._check_key(key)
+    _check_same_arguments(spec=spec, X_test=np.asarray(X_test), n_networks=M, key=key, chunk_size=chunk_size)
+    f = _run_everywhere(lambda: ensemble.prior_outputs(spec, X_test, M, key, chunk_size=chunk_size, part=_part()))
+    return M, gather(f, M)
+
+
 def prior_ensemble(spec, X_test, n_networks: int, key, *, chunk_size: int | None = None):
     """:func:`eft_prob.ensemble.prior_outputs` of ``n_networks`` networks split across processes.
 
@@ -231,13 +241,37 @@ def prior_ensemble(spec, X_test, n_networks: int, key, *, chunk_size: int | None
     ``prior_outputs(spec, X_test, n_networks, key)`` in one process (bit for bit under the
     condition in the module docstring); attrs ``n_networks``, ``process_count``.
     """
-    M = ensemble._check_count("n_networks", n_networks)
-    key = ensemble._check_key(key)
-    _check_same_arguments(spec=spec, X_test=np.asarray(X_test), n_networks=M, key=key, chunk_size=chunk_size)
-    f = _run_everywhere(lambda: ensemble.prior_outputs(spec, X_test, M, key, chunk_size=chunk_size, part=_part()))
-    f = gather(f, M)
+    M, f = _prior_outputs(spec, X_test, n_networks, key, chunk_size)
     attrs = {"n_networks": M, "process_count": jax.process_count()}
     return _arviz.make_inference_data({"prior_ensemble": f_group(f, attrs)}, attrs)
+
+
+def _train(
+    spec, X, y, X_test, n_networks, learning_rate, steps, key, *, dtype, chunk_size, batch_size, checkpoint, progress
+) -> ensemble.TrainResult:
+    """The gathered ``ensemble.train`` result (NumPy fields over all M networks): the computation of
+    :func:`trained_ensemble` (also eft-prob run's, without the InferenceData)."""
+    M = ensemble._check_count("n_networks", n_networks)
+    key = ensemble._check_key(key)
+    _check_same_arguments(
+        spec=spec, X=np.asarray(X), y=np.asarray(y), X_test=np.asarray(X_test), n_networks=M,
+        learning_rate=learning_rate, steps=steps, key=key, dtype=str(dtype), chunk_size=chunk_size,
+        batch_size=batch_size,
+    )  # fmt: skip
+    index, count = _part()
+
+    def local():  # a checkpoint may be wrong on one process only: every process hears of it
+        path = checkpoint
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise ValueError(f"checkpoint must be a directory path or None, got {path!r}.")
+        if path is not None and count > 1:
+            path = os.path.join(os.fspath(path), f"process_{index}")
+        return ensemble.train(
+            spec, X, y, X_test, M, learning_rate, steps, key, dtype=dtype, chunk_size=chunk_size,
+            batch_size=batch_size, checkpoint=path, progress=progress, part=(index, count),
+        )  # fmt: skip
+
+    return ensemble.TrainResult(**gather(_run_everywhere(local)._asdict(), M))
 
 
 def trained_ensemble(
@@ -266,32 +300,15 @@ def trained_ensemble(
     ``train(...)`` in one process for the same ``batch_size`` and platform.  ``checkpoint``: one
     directory shared by the processes (each writes ``process_<i>`` inside it) or None.
     """
-    M = ensemble._check_count("n_networks", n_networks)
-    key = ensemble._check_key(key)
-    _check_same_arguments(
-        spec=spec, X=np.asarray(X), y=np.asarray(y), X_test=np.asarray(X_test), n_networks=M,
-        learning_rate=learning_rate, steps=steps, key=key, dtype=str(dtype), chunk_size=chunk_size,
-        batch_size=batch_size,
+    res = _train(
+        spec, X, y, X_test, n_networks, learning_rate, steps, key, dtype=dtype, chunk_size=chunk_size,
+        batch_size=batch_size, checkpoint=checkpoint, progress=progress,
     )  # fmt: skip
-    index, count = _part()
-
-    def local():  # a checkpoint may be wrong on one process only: every process hears of it
-        path = checkpoint
-        if path is not None and not isinstance(path, (str, os.PathLike)):
-            raise ValueError(f"checkpoint must be a directory path or None, got {path!r}.")
-        if path is not None and count > 1:
-            path = os.path.join(os.fspath(path), f"process_{index}")
-        return ensemble.train(
-            spec, X, y, X_test, M, learning_rate, steps, key, dtype=dtype, chunk_size=chunk_size,
-            batch_size=batch_size, checkpoint=path, progress=progress, part=(index, count),
-        )  # fmt: skip
-
-    res = _run_everywhere(local)
-    r = gather(res._asdict(), M)
+    M, r = len(res.loss), res._asdict()
     S, F = ("chain", "draw"), ("chain", "draw", "obs", "output")
     attrs = {
         "n_networks": M,
-        "process_count": count,
+        "process_count": jax.process_count(),
         "steps": int(steps),
         "learning_rate": float(learning_rate),
         "diverged": int(r["diverged"].sum()),
@@ -426,8 +443,7 @@ def trained_marginals(
     def run(X, y, X_test):
         Xt = check_inputs(spec, X_test, "X_test")
         nA, nB = np.shape(X)[0], Xt.shape[0]
-        bs = max(1, training._DENSE_TRAINED_MAX - nA) if batch_size is None else batch_size
-        bs = min(ensemble._check_count("batch_size", bs), nB)
+        bs = training._marginal_batch_size(batch_size, nA, nB)
         n_batches = -(-nB // bs)
         index, count = _part()
         rows = [
@@ -448,11 +464,10 @@ def trained_marginals(
             if checkpoint is not None:
                 os.makedirs(checkpoint, exist_ok=True)
                 path = os.path.join(os.fspath(checkpoint), f"process_{index}_of_{count}.npz")
-            r = training.nlo_trained_marginals(
+            return training.nlo_trained_marginals(
                 spec, X, y, mine, learning_rate, steps, batch_size=bs, progress=progress, checkpoint=path,
                 memory_limit_gib=memory_limit_gib,
             )  # fmt: skip
-            return r
 
         r = _run_everywhere(local)
         nL = spec.output_dim

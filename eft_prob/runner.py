@@ -298,28 +298,22 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: " + " ".join(str(e).split())
 
 
-def _part():
-    """(process index, count) when ``eft-prob run`` runs across jax.distributed processes, else None."""
-    return (jax.process_index(), jax.process_count()) if jax.process_count() > 1 else None
-
-
 def prior_ensemble(spec, X_test, M, seed, chunk_size) -> xr.Dataset:
-    part = _part()
-    draw = lambda: _np(ensemble.prior_outputs(spec, X_test, M, jax.random.key(seed), chunk_size=chunk_size, part=part))
-    if part is None:
-        f = draw()
-    else:
-        from .distributed import _run_everywhere, gather
+    if jax.process_count() > 1:  # eft-prob run across processes: each draws its block, then gathered
+        from .distributed import _prior_outputs
 
-        f = gather(_run_everywhere(draw), M)
+        f = _np(_prior_outputs(spec, X_test, M, jax.random.key(seed), chunk_size)[1])
+    else:
+        f = _np(ensemble.prior_outputs(spec, X_test, M, jax.random.key(seed), chunk_size=chunk_size))
     return f_group(f, {"n_networks": M, "seed": seed})
 
 
 def trained_ensemble(spec, data, M, lr, steps, seed, chunk_size, checkpoint, progress):
-    part = _part()
-    if part is not None and checkpoint is not None:  # one subdirectory per process, as distributed.trained_ensemble
-        checkpoint = os.path.join(os.fspath(checkpoint), f"process_{part[0]}")
-    train = lambda: ensemble.train(
+    if jax.process_count() > 1:  # each process trains its block (checkpoint: process_<i> inside), then gathered
+        from .distributed import _train as train
+    else:
+        train = ensemble.train
+    res = train(
         spec,
         data.X,
         data.y,
@@ -328,18 +322,12 @@ def trained_ensemble(spec, data, M, lr, steps, seed, chunk_size, checkpoint, pro
         lr,
         steps,
         jax.random.key(seed),
+        dtype="float64",
         chunk_size=chunk_size,
+        batch_size=None,
         checkpoint=checkpoint,
         progress=progress,
-        part=part,
     )
-    if part is None:
-        res = train()
-    else:  # a failure on one process (its checkpoint) stops every process instead of blocking the gather
-        from .distributed import _run_everywhere, gather
-
-        res = _run_everywhere(train)
-        res = type(res)(**gather(res._asdict(), M))
     test_final, train_final = _np(res.test_final), _np(res.train_final)
     # diverged networks are stopped at their last finite state, so finite outputs alone do not mean converged
     ok = ~np.asarray(res.diverged) & np.all(np.isfinite(test_final), axis=(1, 2))
@@ -353,7 +341,7 @@ def trained_ensemble(spec, data, M, lr, steps, seed, chunk_size, checkpoint, pro
 
 def nuts(spec, data, noise_var, n, progress) -> dict[str, xr.Dataset]:
     sampler = run_nuts
-    if _part() is not None:  # the chains split across processes and gathered
+    if jax.process_count() > 1:  # the chains split across processes and gathered
         from .distributed import run_nuts as sampler
     idata = sampler(
         spec,

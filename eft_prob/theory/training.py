@@ -676,6 +676,16 @@ def _marginal_fields(spec, X, y, X_test, learning_rate, steps, batch_size) -> di
     }
 
 
+def _marginal_batch_size(batch_size, nA: int, nB: int) -> int:
+    """nlo_trained_marginals' test inputs per pass: ``batch_size`` (default 32 − N_A, at least 1),
+    validated and at most N_B (also how eft_prob.distributed cuts the batches across processes)."""
+    from ..ensemble import _check_count
+
+    if batch_size is None:
+        batch_size = max(1, _DENSE_TRAINED_MAX - nA)
+    return min(_check_count("batch_size", batch_size), nB)
+
+
 def _warn_marginal_cost(n_train: int, batch: int) -> None:
     if n_train + batch > _DENSE_TRAINED_MAX:
         warn(
@@ -753,7 +763,6 @@ def nlo_trained_marginals(
         ``mean0 + mean1/n`` (N_B, n_L) and ``cov0 + cov1/n`` (N_B, n_L, n_L): use ``.at()``.
     """
     from .._validate import check_targets
-    from ..ensemble import _check_count
     from .kernels import output_kernels
 
     X = check_inputs(spec, X, "X")
@@ -761,9 +770,7 @@ def nlo_trained_marginals(
     y = check_targets(spec, y, X.shape[0])
     nA, nB, nL = X.shape[0], X_test.shape[0], y.shape[1]
     steps = _check_trained(spec, learning_rate, steps, output_kernels(spec, X)[1])
-    if batch_size is None:
-        batch_size = max(1, _DENSE_TRAINED_MAX - nA)
-    batch_size = min(_check_count("batch_size", batch_size), nB)
+    batch_size = _marginal_batch_size(batch_size, nA, nB)
     if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
         raise ValueError(f"checkpoint must be a file path or None, got {checkpoint!r}.")
     concrete = is_concrete(spec, X, y, X_test, learning_rate)
