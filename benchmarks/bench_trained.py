@@ -33,6 +33,12 @@ default), instead of one variadic reduction in 8M-element chunks.  Each path is 
 timed cold, then warm REPS times (default 2; alternating baseline and current, minimum reported),
 with the largest difference of the moments between the two.
 
+``--inner [REPS]``: the marginals on N_A + 24 inputs (``--depth``, batch ``--batch-size``, default 24), the
+current nested tables — the innermost variable's nodes as an unrolled loop over the outer grid
+(``ntk_stats._UNROLLED_INNER``) and each outer contraction as a fused multiply-reduce
+(``ntk_stats._BROADCAST_CONTRACT``) — against the former variadic reduction over the stored innermost
+grid and einsum contractions (both flags off), timed as ``--fused``.
+
 ``--nodes N4 [N4 ...]``: the accuracy and cost of the four-input rule (``ntk_stats._NODES``, default 24
 nodes per axis; the three-input rule kept at 32): the marginals on N_A + 24 inputs (batch 24,
 ``--depth``) with a 32-node four-input rule as the reference, then each N4, cold and warm, with the
@@ -103,7 +109,10 @@ def main() -> None:
     p.add_argument("--devices", nargs="?", type=int, const=48, default=None, metavar="N_TEST")
     p.add_argument("--cpu-devices", type=int, default=None, help="simulated CPU devices (set before JAX starts)")
     p.add_argument("--nodes", type=int, nargs="+", default=None, metavar="N4")
+    p.add_argument("--inner", nargs="?", type=int, const=2, default=None, metavar="REPS")
     args = p.parse_args()
+    if args.inner is not None:
+        return inner(args.n_train, args.depth, args.inner, args.batch_size or 24)
     if args.nodes is not None:
         return nodes(args.nodes, args.n_train, args.depth)
     if args.devices is not None:
@@ -184,13 +193,38 @@ def marginals(n_test: int, n_trains, depth: int = 3, batch_size=None, baseline: 
 
 
 def fused(n_trains, depth: int, reps: int) -> None:
-    """The innermost variadic reduction (current) vs stack-and-sum in the former chunks (baseline)."""
+    """The innermost variadic reduction (current) vs stack-and-sum in the former chunks (baseline).
+
+    Both with the nested-table code of that time (_UNROLLED_INNER and _BROADCAST_CONTRACT off)."""
+    old = {"_UNROLLED_INNER": False, "_BROADCAST_CONTRACT": False}
+    modes = {
+        "baseline": {**old, "_FUSED_SUMS": False, "_MAX_ELEMS": 2_000_000},
+        "current": {**old, "_FUSED_SUMS": True, "_MAX_ELEMS": ntk_stats._MAX_ELEMS},
+    }
+    compare_paths(modes, n_trains, depth, reps, batch=24)
+
+
+def inner(n_trains, depth: int, reps: int, batch: int) -> None:
+    """The innermost variable as an unrolled loop and the outer contractions as fused multiply-reduce
+    (current) vs the variadic reduction over the innermost grid and einsum contractions (baseline)."""
+    modes = {
+        "baseline": {"_UNROLLED_INNER": False, "_BROADCAST_CONTRACT": False},
+        "current": {"_UNROLLED_INNER": True, "_BROADCAST_CONTRACT": True},
+    }
+    compare_paths(modes, n_trains, depth, reps, batch)
+
+
+def compare_paths(modes: dict, n_trains, depth: int, reps: int, batch: int) -> None:
+    """nlo_trained_marginals on N_A + 24 inputs (batch ``batch``) with the ntk_stats flags of each mode
+    ({name: {attribute: value}}, "baseline" and "current"), each compiled afresh, then warm REPS times
+    alternating; minimum warm time reported."""
     from eft_prob.theory.training import nlo_trained_marginals
 
     print(
         f"# jax {jax.__version__}, backend {jax.default_backend()}, depth {depth}, tanh at criticality, "
-        f"width 64, batch 24, load average {os.getloadavg()}\n"
+        f"width 64, batch {batch}, load average {os.getloadavg()}\n"
     )
+    print("# " + "; ".join(f"{name}: {flags}" for name, flags in modes.items()) + "\n")
     print(
         "| N_A + N_B | baseline cold / warm | current cold / warm | ratio (warm) "
         "| max rel. diff. of mean1 / cov1 | peak RSS GiB |"
@@ -198,8 +232,8 @@ def fused(n_trains, depth: int, reps: int) -> None:
     print("|---|---|---|---|---|---|")
     warnings.simplefilter("ignore", ep.CostWarning)
     spec = ep.MLPSpec.at_criticality(3, (64,) * (depth - 1), 1, "tanh")
-    modes = {"baseline": (False, 2_000_000), "current": (True, ntk_stats._MAX_ELEMS)}
-    saved = ntk_stats._FUSED_SUMS, ntk_stats._MAX_ELEMS
+    names = {k for flags in modes.values() for k in flags}
+    saved = {k: getattr(ntk_stats, k) for k in names}
     for nA in n_trains:
         rng = np.random.default_rng(0)
         X, Xt = rng.normal(size=(nA, 3)), rng.normal(size=(24, 3))
@@ -207,17 +241,19 @@ def fused(n_trains, depth: int, reps: int) -> None:
         cold, warm, out = {}, {k: [] for k in modes}, {}
         try:
             for _ in range(reps):
-                for name, (flag, elems) in modes.items():
-                    ntk_stats._FUSED_SUMS, ntk_stats._MAX_ELEMS = flag, elems
+                for name, flags in modes.items():
+                    for k, v in flags.items():
+                        setattr(ntk_stats, k, v)
                     jax.clear_caches()  # the flags are read when tracing: compile this path afresh
                     t = time.perf_counter()
-                    jax.block_until_ready(nlo_trained_marginals(spec, X, y, Xt + 1e-3, batch_size=24))
+                    jax.block_until_ready(nlo_trained_marginals(spec, X, y, Xt + 1e-3, batch_size=batch))
                     cold.setdefault(name, time.perf_counter() - t)
                     t = time.perf_counter()
-                    out[name] = jax.block_until_ready(nlo_trained_marginals(spec, X, y, Xt, batch_size=24))
+                    out[name] = jax.block_until_ready(nlo_trained_marginals(spec, X, y, Xt, batch_size=batch))
                     warm[name].append(time.perf_counter() - t)
         finally:
-            ntk_stats._FUSED_SUMS, ntk_stats._MAX_ELEMS = saved
+            for k, v in saved.items():
+                setattr(ntk_stats, k, v)
         b, c = out["baseline"], out["current"]
         tb, tc = min(warm["baseline"]), min(warm["current"])
         print(

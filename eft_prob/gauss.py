@@ -453,12 +453,17 @@ def _adapted_sinh(kmax, n: int):
     return x, w
 
 
-def _nested_nodes(K, kinked: bool, n: int, half: bool = False):
+def _nested_nodes(K, kinked: bool, n: int, half: bool = False, split_last: bool = False):
     """Nested rule for (..., m, m) kernels K: lists zs, ws with, for each axis k = 0..m-1,
 
     zs[k] of shape (..., n×(k+1), 1×(m-k-1)) — z_k on the grid of ξ_0..ξ_k — and ws[k]
     broadcastable to (..., n×(k+1)) — the weights of ξ_k given ξ_0..ξ_{k-1}.  ``n`` is the number
     of nodes per axis (for kinked rules 2q: q per half-line).
+
+    ``split_last`` (smooth rule): zs and ws for the outer axes 0..m-2 only, and a third item
+    (mu, s, x, w) for the innermost one, whose z_{m-1} = mu + s·x_j on node j: mu (..., n×(m-1)) the
+    conditional mean on the outer grid, s (...,) the conditional standard deviation L_{m-1,m-1}, x
+    and w (..., n_last) the innermost nodes and weights (the same for every outer node).
 
     ``half`` (smooth rule, n even): only the outer half ξ_0 < 0 (n/2 nodes on axis 0).  The smooth
     grid is point-symmetric (x_{n−1−j} = −x_j, equal weights, the same on every axis), so ξ → −ξ
@@ -491,11 +496,18 @@ def _nested_nodes(K, kinked: bool, n: int, half: bool = False):
             xl, wl = _right_half_rule(-t, q)
             xis.append(jnp.concatenate([-xl, xr], axis=-1))
             ws.append(jnp.concatenate([wl, wr], axis=-1))
+    if split_last and kinked:
+        raise ValueError("_nested_nodes: split_last=True needs the smooth rule.")
     zs = []
-    for k in range(m):
+    for k in range(m - 1 if split_last else m):
         z = sum(g(L[k][j], k + 1) * g(xis[j], k - j) for j in range(k + 1))
         zs.append(g(z, m - k - 1))
-    return zs, ws
+    if not split_last:
+        return zs, ws
+    last = m - 1
+    mu = sum((g(L[last][j], last) * g(xis[j], last - 1 - j) for j in range(last)), jnp.zeros(batch + (1,) * last, dt))
+    flat = lambda a: a.reshape(batch + a.shape[-1:])
+    return zs, ws[:last], (mu, L[last][last], flat(xis[last]), flat(ws[last]))
 
 
 def expect_nd(

@@ -309,6 +309,7 @@ def test_fused_innermost_sums_and_their_derivatives(monkeypatch, name, m):
     def table(K):  # the flag is read when tracing, and each jit below traces afresh
         return ns._nested_table(K, [ns._basis_eval(fns, basis)] * m, kinked, n, parity)
 
+    monkeypatch.setattr(ns, "_UNROLLED_INNER", False)  # else the smooth four-input rule does not reduce the last axis
     out = {}
     for fused in (True, False):
         monkeypatch.setattr(ns, "_FUSED_SUMS", fused)
@@ -319,6 +320,66 @@ def test_fused_innermost_sums_and_their_derivatives(monkeypatch, name, m):
         a, b = _np(a), _np(b)
         assert np.all(np.isfinite(a)) and np.abs(b).max() > 1e-3
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-13 * np.abs(b).max())
+
+
+@pytest.mark.parametrize("name", ["tanh", "gelu"])
+def test_unrolled_innermost_and_broadcast_contractions(monkeypatch, name):
+    """The smooth four-input rule sums its innermost variable as an unrolled loop over the outer grid
+    and contracts the outer variables by fused multiply-reduce: values, forward- and reverse-mode
+    derivatives equal those of the reduction over the stored innermost grid with einsum contractions
+    to rounding (tanh on the half grid, GELU on the full one), also for a singular kernel (a repeated
+    input: conditional standard deviation 0) and with the contraction switch alone."""
+    from eft_prob.theory import ntk_stats as ns
+
+    act = get_activation(name)
+    odd = ns._odd_smooth(act, False)
+    basis = ns._basis(3, 1)
+    fns = ns._derivative_fns(act, 3)
+    parity = [(-1) ** sum(p + 1 for p in t) for t in basis] if odd else None
+    A = np.random.default_rng(4).normal(size=(3, 4, 5))
+    A[2, 3] = A[2, 1]  # inputs 1 and 3 of the third kernel coincide
+    K = jnp.asarray(A @ A.transpose(0, 2, 1) / 5 + 0.1)
+    dK = jnp.asarray(np.random.default_rng(5).normal(size=K.shape))
+    dK = dK + dK.transpose(0, 2, 1)
+    w = jnp.asarray(np.random.default_rng(6).normal(size=(3, len(basis) ** 4)))
+
+    def table(K):  # the flags are read when tracing, and each jit below traces afresh
+        return ns._nested_table(K, [ns._basis_eval(fns, basis)] * 4, False, 16, parity)
+
+    out = {}
+    for flags in ((True, True), (False, True), (False, False)):
+        monkeypatch.setattr(ns, "_UNROLLED_INNER", flags[0])
+        monkeypatch.setattr(ns, "_BROADCAST_CONTRACT", flags[1])
+        val, tan = jax.jit(lambda K, dK: jax.jvp(table, (K,), (dK,)))(K, dK)
+        grad = jax.jit(jax.grad(lambda K: jnp.sum(w * table(K))))(K)
+        out[flags] = (val, tan, grad)
+    ref = out[(False, False)]
+    for flags in ((True, True), (False, True)):
+        for a, b in zip(out[flags], ref):
+            a, b = _np(a), _np(b)
+            assert np.all(np.isfinite(a)) and np.abs(b).max() > 1e-3
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-13 * np.abs(b).max(), err_msg=str(flags))
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("half", [False, True])
+def test_nested_nodes_split_last(m, half):
+    """_nested_nodes(split_last=True) returns the outer axes unchanged and the innermost variable as
+    mu + s·x_j on the outer grid: the same z_{m-1} and weights as the full rule."""
+    A = np.random.default_rng(m).normal(size=(2, m, m + 1))
+    K = jnp.asarray(A @ A.transpose(0, 2, 1) / (m + 1) + 0.05)
+    zs, ws = gauss._nested_nodes(K, False, 8, half=half)
+    zo, wo, (mu, s, x, w) = gauss._nested_nodes(K, False, 8, half=half, split_last=True)
+    assert len(zo) == len(wo) == m - 1
+    for k in range(m - 1):
+        np.testing.assert_array_equal(_np(zo[k]), _np(zs[k]))
+        np.testing.assert_array_equal(_np(wo[k]), _np(ws[k]))
+    pad = (None,) * (m - 1)
+    z_last = mu[..., None] + (s[:, None] * x)[(slice(None), *pad, slice(None))]
+    np.testing.assert_allclose(_np(z_last), _np(zs[m - 1]).reshape(z_last.shape), rtol=0, atol=1e-14)
+    np.testing.assert_array_equal(_np(w), _np(ws[m - 1]).reshape(w.shape))
+    with pytest.raises(ValueError, match="split_last"):
+        gauss._nested_nodes(K, True, 8, split_last=True)
 
 
 # --------------------------------------------------------------------------------------------
