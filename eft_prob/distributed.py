@@ -421,8 +421,8 @@ def trained_marginals(
     """:func:`eft_prob.theory.nlo_trained_marginals` with its batches of test inputs split across
     processes.
 
-    The test inputs are cut into the batches of a single-process run (``batch_size``, default
-    32 − N_A); process i computes the contiguous block ``i·B // P .. (i+1)·B // P`` of the B batches
+    The test inputs are cut into the batches of a single-process run (``batch_size``, the same
+    default); process i computes the contiguous block ``i·B // P .. (i+1)·B // P`` of the B batches
     on its local devices (the last batch padded with copies as in one process), and the
     per-test-input moments are gathered in process order, so every process returns the same
     :class:`~eft_prob.theory.NLOTrainedMarginals`, equal to the single-process result (bit for bit

@@ -677,13 +677,21 @@ def _marginal_fields(spec, X, y, X_test, learning_rate, steps, batch_size) -> di
 
 
 def _marginal_batch_size(batch_size, nA: int, nB: int) -> int:
-    """nlo_trained_marginals' test inputs per pass: ``batch_size`` (default 32 − N_A, at least 1),
-    validated and at most N_B (also how eft_prob.distributed cuts the batches across processes)."""
+    """nlo_trained_marginals' test inputs per pass: ``batch_size`` (default 32 − N_A, at least 1, and on
+    a CPU backend at most max(N_A, 8)), validated and at most N_B (also how eft_prob.distributed cuts
+    the batches across processes)."""
     from ..ensemble import _check_count
 
     if batch_size is None:
         batch_size = max(1, _DENSE_TRAINED_MAX - nA)
+        if jax.default_backend() == "cpu":
+            # the dense pass costs ~(N_A + batch)⁴ per batch, i.e. per test input least near batch ≈ N_A/3;
+            # measured (N_A = 8, depth 10, 2 cores): 0.81 s per test input at 24, 0.67 s at 12, 0.65 s at 8
+            batch_size = min(batch_size, max(nA, _CPU_MARGINAL_BATCH))
     return min(_check_count("batch_size", batch_size), nB)
+
+
+_CPU_MARGINAL_BATCH = 8  # smallest default batch of nlo_trained_marginals on a CPU backend
 
 
 def _warn_marginal_cost(n_train: int, batch: int) -> None:
@@ -728,11 +736,12 @@ def nlo_trained_marginals(
     ----------
     batch_size : int, optional
         Test inputs per dense pass (each pass is one compiled call, the last one padded).  Default:
-        32 − N_A (at least 1), also on a GPU: a pass's arrays and its compiled-in gather indices
-        grow like (N_A + batch_size)⁴, so larger batches cost more per test input, not less
-        (N_A = 8, depth 3, 2 CPU cores: 0.43 s per test input at batch_size 24, 0.52 s at 40; one
-        H200: 8 + 992 inputs in 15.5 s with the default, while with ``batch_size=124`` the
-        compilation captured 17 GB of constants and did not finish in 140 s).
+        32 − N_A (at least 1), on a CPU backend at most max(N_A, 8): a pass's arrays and its
+        compiled-in gather indices grow like (N_A + batch_size)⁴, so larger batches cost more per
+        test input, not less (N_A = 8, depth 10, 2 CPU cores: 0.81 s per test input at batch_size
+        24, 0.65 s at 8, and half the compilation time; one H200: 8 + 992 inputs at depth 3 in 15.5 s
+        with batch_size 24, while with ``batch_size=124`` the compilation captured 17 GB of
+        constants and did not finish in 140 s).
     progress : bool
         One line per batch (test inputs done, elapsed time, ETA) on stderr.
     checkpoint : str or os.PathLike, optional
