@@ -22,7 +22,8 @@ same network).  The baseline is the joint ``nlo_trained_coefficients`` on N_A + 
 practical limit), whose diagonal blocks the marginals must equal; then the marginals alone for
 N_A + N_TEST inputs (default 8 + 992 = 1000: about 7 minutes; warm: same batch shape as the
 baseline row), with the time per test input.  ``--depth L`` (default 3) sets the number of layers
-(hidden width 64), ``--batch-size`` the marginals' ``batch_size`` (default: the library's, 32 − N_A),
+(hidden width 64), ``--batch-size`` the marginals' ``batch_size`` (default: the library's, 32 − N_A,
+on a CPU at most max(N_A, 8)),
 and ``--no-baseline`` skips the N_A + 24 rows: the N_TEST row then includes the compilation and is
 printed in the cold column (e.g. ``--marginals 992 --depth 10 --no-baseline`` on a GPU).
 
