@@ -287,6 +287,25 @@ def test_odd_activations_use_half_of_the_nested_grid(monkeypatch):
         assert np.mean(np.abs(b) > 1e-8 * np.abs(b).max()) > 0.3  # not only the entries that vanish by parity
 
 
+def _assert_table_paths_agree(monkeypatch, table, K, dK, w, settings):
+    """For each of the two ``settings`` ({ntk_stats attribute: value}): jit the table's value, its JVP
+    along dK and the gradient of Σ w·table (the flags are read when tracing, and each jit traces
+    afresh); the two settings must agree to 1e-13 of the largest entry."""
+    from eft_prob.theory import ntk_stats as ns
+
+    out = []
+    for flags in settings:
+        for k, v in flags.items():
+            monkeypatch.setattr(ns, k, v)
+        val, tan = jax.jit(lambda K, dK: jax.jvp(table, (K,), (dK,)))(K, dK)
+        grad = jax.jit(jax.grad(lambda K: jnp.sum(w * table(K))))(K)
+        out.append((val, tan, grad))
+    for a, b in zip(*out):
+        a, b = _np(a), _np(b)
+        assert np.all(np.isfinite(a)) and np.abs(b).max() > 1e-3
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-13 * np.abs(b).max())
+
+
 @pytest.mark.parametrize("name, m", [("tanh", 4), ("tanh", 3), ("relu", 4), ("gelu", 3)])
 def test_fused_innermost_sums_and_their_derivatives(monkeypatch, name, m):
     """The innermost variable's functions are summed in one variadic reduction with its own JVP rule:
@@ -306,20 +325,12 @@ def test_fused_innermost_sums_and_their_derivatives(monkeypatch, name, m):
     dK = dK + dK.transpose(0, 2, 1)
     w = jnp.asarray(np.random.default_rng(3).normal(size=(3, len(basis) ** m)))
 
-    def table(K):  # the flag is read when tracing, and each jit below traces afresh
+    def table(K):
         return ns._nested_table(K, [ns._basis_eval(fns, basis)] * m, kinked, n, parity)
 
-    monkeypatch.setattr(ns, "_UNROLLED_INNER", False)  # else the smooth four-input rule does not reduce the last axis
-    out = {}
-    for fused in (True, False):
-        monkeypatch.setattr(ns, "_FUSED_SUMS", fused)
-        val, tan = jax.jit(lambda K, dK: jax.jvp(table, (K,), (dK,)))(K, dK)
-        grad = jax.jit(jax.grad(lambda K: jnp.sum(w * table(K))))(K)
-        out[fused] = (val, tan, grad)
-    for a, b in zip(out[True], out[False]):
-        a, b = _np(a), _np(b)
-        assert np.all(np.isfinite(a)) and np.abs(b).max() > 1e-3
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-13 * np.abs(b).max())
+    # _UNROLLED_INNER off: else the smooth four-input rule does not reduce the last axis
+    settings = [{"_UNROLLED_INNER": False, "_FUSED_SUMS": fused} for fused in (True, False)]
+    _assert_table_paths_agree(monkeypatch, table, K, dK, w, settings)
 
 
 @pytest.mark.parametrize("half", [True, False])
@@ -342,20 +353,11 @@ def test_unrolled_innermost_and_broadcast_contractions(monkeypatch, half):
     dK = dK + dK.transpose(0, 2, 1)
     w = jnp.asarray(np.random.default_rng(6).normal(size=(3, len(basis) ** 4)))
 
-    def table(K):  # the flags are read when tracing, and each jit below traces afresh
+    def table(K):
         return ns._nested_table(K, [ns._basis_eval(fns, basis)] * 4, False, 16, parity)
 
-    out = {}
-    for new in (True, False):
-        monkeypatch.setattr(ns, "_UNROLLED_INNER", new)
-        monkeypatch.setattr(ns, "_BROADCAST_CONTRACT", new)
-        val, tan = jax.jit(lambda K, dK: jax.jvp(table, (K,), (dK,)))(K, dK)
-        grad = jax.jit(jax.grad(lambda K: jnp.sum(w * table(K))))(K)
-        out[new] = (val, tan, grad)
-    for a, b in zip(out[True], out[False]):
-        a, b = _np(a), _np(b)
-        assert np.all(np.isfinite(a)) and np.abs(b).max() > 1e-3
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-13 * np.abs(b).max())
+    settings = [{"_UNROLLED_INNER": new, "_BROADCAST_CONTRACT": new} for new in (True, False)]
+    _assert_table_paths_agree(monkeypatch, table, K, dK, w, settings)
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
