@@ -691,7 +691,7 @@ def _marginal_batch_size(batch_size, nA: int, nB: int) -> int:
     return min(_check_count("batch_size", batch_size), nB)
 
 
-_CPU_MARGINAL_BATCH = 8  # smallest default batch of nlo_trained_marginals on a CPU backend
+_CPU_MARGINAL_BATCH = 8  # on a CPU backend the default batch is capped at max(N_A, this)
 
 
 def _warn_marginal_cost(n_train: int, batch: int) -> None:
