@@ -98,6 +98,29 @@ def test_quadrature_chunking_does_not_change_results(monkeypatch, name):
         np.testing.assert_array_equal(a, a.T)
 
 
+def test_inner_loop_unroll_does_not_change_results(monkeypatch):
+    """The pair integrals' inner loop runs unrolled 4 above _UNROLL_MIN_PAIRS pairs and not below
+    (compile time of small kernels): sigma_moments, the smooth pair tables and their gradients agree."""
+    from eft_prob.theory import vertex
+
+    assert gauss.inner_unroll(64) == gauss._INNER_UNROLL == 4 and gauss.inner_unroll(63) == 1
+    act = get_activation("tanh")
+    X = np.random.default_rng(3).normal(size=(5, 2))
+    K = jnp.asarray(0.1 + X @ X.T / 2)
+
+    def run():
+        f = lambda c: (*gauss.sigma_moments(act, c * K, quadrature=True), vertex._smooth_pair_integrals(act, c * K))
+        g = jax.grad(lambda c: sum(jnp.sum(jnp.sin(a)) for a in f(c)))(1.2)
+        return (*f(1.2), g)
+
+    assert gauss.inner_unroll(5) == 1
+    small = run()
+    monkeypatch.setattr(gauss, "_UNROLL_MIN_PAIRS", 0)
+    assert gauss.inner_unroll(5) == 4
+    for a, b in zip(small, run()):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)
+
+
 @pytest.mark.parametrize("name", ["tanh", "gelu"])
 def test_smooth_matrix_moments_equal_the_elementwise_rule(name):
     """The pairwise path of sigma_moments (each unordered pair once, inner axis as a loop) against

@@ -148,6 +148,7 @@ def _smooth_pair_integrals(act, K, n=_SMOOTH_PAIR_NODES):
     """
     s0, s1, s2, s3, s4 = _derivatives(act)
     parity = (-1, 1, -1, 1, -1, 1, -1, 1) if gauss.is_odd(act) else None  # of the functions below
+    unroll = gauss.inner_unroll(K.shape[0])
 
     def inner(z):
         q = s0(z) ** 2
@@ -156,7 +157,7 @@ def _smooth_pair_integrals(act, K, n=_SMOOTH_PAIR_NODES):
     def pair(k11, k22, k12):
         x, w = gauss._adapted_sinh(jnp.maximum(k11, k22), n)
         l11, l21, l22 = gauss._cholesky_2x2(k11, k22, k12)
-        I0, I1, I2, I3, I4, Q2, Q3, Q4 = gauss.inner_sums(inner, l21 * x, l22, x, w, parity)
+        I0, I1, I2, I3, I4, Q2, Q3, Q4 = gauss.inner_sums(inner, l21 * x, l22, x, w, parity, unroll)
         a = l11 * x
         a0, a1, a2, a3, a4 = s0(a), s1(a), s2(a), s3(a), s4(a)
         vals = (a2 * I0, a4 * I0, a3 * I1, a2 * I2, Q4, a0 * Q3, a0**2 * Q2, a0**3 * I0, a0**4 * jnp.sum(w))
