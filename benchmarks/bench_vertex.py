@@ -30,10 +30,18 @@ Two tables, each measured in this run:
    width 16, η = 0.1) in (C_W, C_b).  Each variant runs in its own process, so its peak resident
    memory is its own.
 
+6. With ``--unroll``, the inner loop of the smooth pair integrals (``gauss.inner_sums``) unrolled 4
+   times against not unrolled (``gauss.inner_unroll``: 4 above 2048 pairs, i.e. N >= 64, since
+   2026-11-29; 4 everywhere before), tanh: ``jax.jit(jax.value_and_grad)`` of the order-1
+   ``NetworkPrior`` log density of notebooks/04 (N = 2, depth 3, width 10, 1000 data sets) and of
+   the dense ``prior_statistics`` (N = 8), cold (tracing and compilation, no persistent cache) and
+   warm, and ``prior_statistics`` at N = 128 and 1000 (depth 10, width 64), forward.  Each variant
+   runs in its own process.
+
 The process's peak resident memory is printed after each row (it only grows).
 
 Usage: ``PYTHONPATH=. python benchmarks/bench_vertex.py [--quick] [--activations relu tanh] [--joint]
-[--likelihood] [--remat]``
+[--likelihood] [--remat] [--unroll]``
 (``--quick``: N = 12 and N = 200).
 """
 
@@ -220,6 +228,76 @@ def remat_table(activations) -> None:
     print(f"\nload average at the end {os.getloadavg()}")
 
 
+def unroll_case(case: str, unroll: int) -> None:
+    """One variant of table 6 in this process: prints a JSON line (times, value, gradient, peak RSS)."""
+    import json
+
+    from eft_prob import gauss
+    from eft_prob.distributions import NetworkPrior
+
+    gauss._UNROLL_MIN_PAIRS = 0 if unroll == 4 else 1 << 40
+    rng = np.random.default_rng(0)
+    if case in ("likelihood", "stats8"):
+        X = np.array([[2.0, 0.0], [0.1, 0.3]]) if case == "likelihood" else rng.normal(size=(8, 2))
+        y = rng.normal(size=(1000, 2, 2))
+        spec = lambda p: ep.MLPSpec(2, (10, 10), 2, "tanh", C_W=p[0], C_b=p[1])
+        if case == "likelihood":
+            f = lambda p: NetworkPrior(spec(p), X, order=1, noise_var=0.1).log_prob(y).sum()
+        else:
+            f = lambda p: (lambda st: jnp.sum(st.V**2) + jnp.sum(st.K1))(prior_statistics(spec(p), X))
+        g = jax.jit(jax.value_and_grad(f))
+        p0 = jnp.asarray([1.5, 0.2])
+        (v, grad), cold = timed(g, p0)
+        warm = min(timed(g, p0 + k * 1e-3)[1] for k in range(1, 6))
+        out = dict(value=float(v), grad=np.asarray(grad).tolist())
+    else:
+        N = int(case)
+        X = rng.normal(size=(N, 3))
+        spec = ep.MLPSpec.at_criticality(3, (64,) * 9, 1, "tanh")
+        run = lambda: jax.block_until_ready(prior_statistics(spec, X).K1)
+        v, cold = timed(run)
+        warm = min(timed(run)[1] for _ in range(2 if N > 200 else 5))
+        out = dict(value=float(jnp.sum(v)), grad=[float(jnp.sum(v))])
+    print(json.dumps(dict(cold=cold, warm=warm, peak=peak_gib(), **out)))
+
+
+def unroll_table() -> None:
+    import json
+    import subprocess
+    import sys
+
+    print("## The pair integrals' inner loop: unrolled 4 vs not unrolled (each variant in its own process)\n")
+    print(
+        "| what | N | unroll 4 cold | unroll 1 cold | unroll 4 warm | unroll 1 warm | warm ratio 4/1 | landed | "
+        "max rel. difference | peak RSS GiB 4 / 1 |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    from eft_prob import gauss
+
+    env = dict(os.environ, JAX_ENABLE_COMPILATION_CACHE="false")
+    for case, N, what in (
+        ("likelihood", 2, "value_and_grad, order-1 NetworkPrior log_prob (notebooks/04)"),
+        ("stats8", 8, "value_and_grad, dense prior_statistics, depth 3"),
+        ("128", 128, "prior_statistics, depth 10"),
+        ("1000", 1000, "prior_statistics, depth 10"),
+    ):
+        res = {}
+        for unroll in (4, 1):
+            cmd = [sys.executable, __file__, "--unroll-case", case, str(unroll)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.strip().splitlines()
+            res[unroll] = json.loads(out[-1])
+        a, b = res[4], res[1]
+        ga, gb = np.asarray(a["grad"]), np.asarray(b["grad"])
+        rel = max(abs(b["value"] - a["value"]) / abs(a["value"]), float(np.abs(gb - ga).max() / np.abs(ga).max()))
+        print(
+            f"| {what} | {N} | {a['cold']:.1f} s | {b['cold']:.1f} s | {a['warm'] * 1e3:.1f} ms | "
+            f"{b['warm'] * 1e3:.1f} ms | {a['warm'] / b['warm']:.2f}x | {gauss.inner_unroll(N)} | {rel:.0e} | "
+            f"{a['peak']:.2f} / {b['peak']:.2f} |",
+            flush=True,
+        )
+    print(f"\nload average at the end {os.getloadavg()}")
+
+
 def main(quick: bool, activations, many_only: bool = False, with_joint: bool = False, lik: bool = False) -> None:
     rng = np.random.default_rng(0)
     print(f"# jax {jax.__version__}, backend {jax.default_backend()}, load average {os.getloadavg()}\n")
@@ -271,8 +349,14 @@ if __name__ == "__main__":
     p.add_argument("--likelihood", action="store_true", help="only the order-1 likelihood table (one vs two passes)")
     p.add_argument("--remat", action="store_true", help="only table 5 (reverse mode with and without checkpoints)")
     p.add_argument("--remat-case", nargs=3, metavar=("ACT", "N", "REMAT"), help=argparse.SUPPRESS)
+    p.add_argument("--unroll", action="store_true", help="only table 6 (the pair integrals' loop unrolled 4 vs 1)")
+    p.add_argument("--unroll-case", nargs=2, metavar=("CASE", "UNROLL"), help=argparse.SUPPRESS)
     a = p.parse_args()
-    if a.remat_case:
+    if a.unroll_case:
+        unroll_case(a.unroll_case[0], int(a.unroll_case[1]))
+    elif a.unroll:
+        unroll_table()
+    elif a.remat_case:
         remat_case(a.remat_case[0], int(a.remat_case[1]), bool(int(a.remat_case[2])))
     elif a.remat:
         remat_table(a.activations)

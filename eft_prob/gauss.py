@@ -225,11 +225,11 @@ def pair_moments(act: Activation, K11, K22, K12, *, quadrature: bool = False, or
 #: (pairs, n, n) grid; 4-fold unrolling another 1.4x; the odd-σ half grid another 1.7x at N = 500)
 _PAIR_BATCH = 1024
 #: unroll of :func:`inner_sums`' loop for kernels of more than :data:`_UNROLL_MIN_PAIRS` pairs; one
-#: below.  Unrolling 4 is ~25% faster for many pairs (tanh prior_statistics at N = 1000, depth 10:
-#: 39 s vs 50 s), but it quadruples the loop body that XLA compiles, and its reverse-mode residuals:
-#: value_and_grad of prior_statistics at N = 2, depth 3 compiled in 15.0 s vs 10.2 s and ran in
-#: 6.4 ms vs 3.7 ms (2 CPU cores).  Small kernels are the NUTS likelihoods, where compilation is
-#: the cost; both give the same values.
+#: below.  Unrolling 4 is 14-16% faster for many pairs (tanh prior_statistics, depth 10: N = 128
+#: and 1000), but it quadruples the loop body that XLA compiles: value_and_grad of prior_statistics
+#: at N = 2, depth 3 compiled in ~13 s vs ~9.5 s (2 CPU cores), at the same warm speed.  Small
+#: kernels are the NUTS likelihoods, where compilation is the cost; both give the same values
+#: (benchmarks/README.md, ``bench_vertex.py --unroll``).
 _INNER_UNROLL = 4
 _UNROLL_MIN_PAIRS = 2048
 
