@@ -197,11 +197,27 @@ def remat_case(act: str, N: int, remat: bool) -> None:
     print(json.dumps(dict(cold=cold, warm=warm, value=float(v), grad=np.asarray(grad).tolist(), peak=peak_gib())))
 
 
-def remat_table(activations) -> None:
+def _variant(*args: str, env=None) -> dict:
+    """Run this script with ``args`` (a hidden ``--*-case`` option) in its own process; its last
+    stdout line, a JSON object (times, value, optional gradient, peak RSS)."""
     import json
     import subprocess
     import sys
 
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _variant_difference(a: dict, b: dict) -> float:
+    """Largest relative difference of two variants' values and (if both have one) gradients."""
+    rel = abs(b["value"] - a["value"]) / abs(a["value"])
+    if "grad" in a and "grad" in b:
+        ga, gb = np.asarray(a["grad"]), np.asarray(b["grad"])
+        rel = max(rel, float(np.abs(gb - ga).max() / np.abs(ga).max()))
+    return rel
+
+
+def remat_table(activations) -> None:
     print("## Reverse mode with and without a checkpoint per quadrature chunk (each variant in its own process)\n")
     print(
         "| what | N | plain cold | checkpoint cold | plain warm | checkpoint warm | ratio (warm) | "
@@ -210,14 +226,8 @@ def remat_table(activations) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     cases = [(a, n) for a in activations for n in (4, 8)] + [("trained", 6)]
     for act, N in cases:
-        res = {}
-        for remat in (False, True):
-            cmd = [sys.executable, __file__, "--remat-case", act, str(N), str(int(remat))]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            res[remat] = json.loads(out)
-        a, b = res[False], res[True]
-        ga, gb = np.asarray(a["grad"]), np.asarray(b["grad"])
-        rel = max(abs(b["value"] - a["value"]) / abs(a["value"]), float(np.abs(gb - ga).max() / np.abs(ga).max()))
+        a, b = (_variant("--remat-case", act, str(N), str(int(remat))) for remat in (False, True))
+        rel = _variant_difference(a, b)
         what = "trained O(1/n) moments, tanh, 4 + 2" if act == "trained" else f"prior statistics, {act}"
         print(
             f"| {what} | {N} | {a['cold']:.1f} s | {b['cold']:.1f} s | {a['warm'] * 1e3:.0f} ms | "
@@ -257,15 +267,11 @@ def unroll_case(case: str, unroll: int) -> None:
         run = lambda: jax.block_until_ready(prior_statistics(spec, X).K1)
         v, cold = timed(run)
         warm = min(timed(run)[1] for _ in range(2 if N > 200 else 5))
-        out = dict(value=float(jnp.sum(v)), grad=[float(jnp.sum(v))])
+        out = dict(value=float(jnp.sum(v)))  # forward only: no gradient
     print(json.dumps(dict(cold=cold, warm=warm, peak=peak_gib(), **out)))
 
 
 def unroll_table() -> None:
-    import json
-    import subprocess
-    import sys
-
     print("## The pair integrals' inner loop: unrolled 4 vs not unrolled (each variant in its own process)\n")
     print(
         "| what | N | unroll 4 cold | unroll 1 cold | unroll 4 warm | unroll 1 warm | warm ratio 4/1 | landed | "
@@ -281,14 +287,8 @@ def unroll_table() -> None:
         ("128", 128, "prior_statistics, depth 10"),
         ("1000", 1000, "prior_statistics, depth 10"),
     ):
-        res = {}
-        for unroll in (4, 1):
-            cmd = [sys.executable, __file__, "--unroll-case", case, str(unroll)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.strip().splitlines()
-            res[unroll] = json.loads(out[-1])
-        a, b = res[4], res[1]
-        ga, gb = np.asarray(a["grad"]), np.asarray(b["grad"])
-        rel = max(abs(b["value"] - a["value"]) / abs(a["value"]), float(np.abs(gb - ga).max() / np.abs(ga).max()))
+        a, b = (_variant("--unroll-case", case, str(unroll), env=env) for unroll in (4, 1))
+        rel = _variant_difference(a, b)
         print(
             f"| {what} | {N} | {a['cold']:.1f} s | {b['cold']:.1f} s | {a['warm'] * 1e3:.1f} ms | "
             f"{b['warm'] * 1e3:.1f} ms | {a['warm'] / b['warm']:.2f}x | {gauss.inner_unroll(N)} | {rel:.0e} | "

@@ -485,12 +485,16 @@ def _nested_nodes(K, kinked: bool, n: int, half: bool = False, split_last: bool 
     """
     if half and (kinked or n % 2):
         raise ValueError(f"_nested_nodes: half=True needs the smooth rule and an even n, got kinked={kinked}, n={n}.")
+    if split_last and kinked:
+        raise ValueError("_nested_nodes: split_last=True needs the smooth rule.")
     m = K.shape[-1]
     L = _cholesky_psd(K)
     batch = K.shape[:-2]
     dt = K.dtype
     g = lambda a, k: a[(...,) + (None,) * k]  # append k singleton axes
     xis, ws = [], []
+    # the conditional mean of z_k given ξ_0..ξ_{k-1}, on their grid (..., n×k)
+    cond_mean = lambda k: sum((g(L[k][j], k) * g(xis[j], k - 1 - j) for j in range(k)), jnp.zeros(batch + (1,) * k, dt))
     if not kinked:
         x, w = _adapted_sinh(jnp.max(jnp.diagonal(K, axis1=-2, axis2=-1), axis=-1), n)
         for k in range(m):
@@ -501,7 +505,7 @@ def _nested_nodes(K, kinked: bool, n: int, half: bool = False, split_last: bool 
     else:
         q = n // 2
         for k in range(m):
-            c = sum((g(L[k][j], k) * g(xis[j], k - 1 - j) for j in range(k)), jnp.zeros(batch + (1,) * k, dt))
+            c = cond_mean(k)
             lkk = g(L[k][k], k)
             pos = lkk > 0
             t = jnp.where(pos, -c / jnp.where(pos, lkk, 1.0), 0.0)
@@ -509,8 +513,6 @@ def _nested_nodes(K, kinked: bool, n: int, half: bool = False, split_last: bool 
             xl, wl = _right_half_rule(-t, q)
             xis.append(jnp.concatenate([-xl, xr], axis=-1))
             ws.append(jnp.concatenate([wl, wr], axis=-1))
-    if split_last and kinked:
-        raise ValueError("_nested_nodes: split_last=True needs the smooth rule.")
     zs = []
     for k in range(m - 1 if split_last else m):
         z = sum(g(L[k][j], k + 1) * g(xis[j], k - j) for j in range(k + 1))
@@ -518,7 +520,7 @@ def _nested_nodes(K, kinked: bool, n: int, half: bool = False, split_last: bool 
     if not split_last:
         return zs, ws
     last = m - 1
-    mu = sum((g(L[last][j], last) * g(xis[j], last - 1 - j) for j in range(last)), jnp.zeros(batch + (1,) * last, dt))
+    mu = cond_mean(last)
     flat = lambda a: a.reshape(batch + a.shape[-1:])
     return zs, ws[:last], (mu, L[last][last], flat(xis[last]), flat(ws[last]))
 
