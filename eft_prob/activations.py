@@ -259,6 +259,11 @@ def _scale_invariant(name, a_plus, a_minus):
     )
 
 
+def _tanh_grad(z):
+    """σ' of the registry's tanh (named, so that eft_prob.gauss.shift_rule can recognize it)."""
+    return 1 - jnp.tanh(z) ** 2
+
+
 def _make_registry() -> dict[str, Activation]:
     gelu = lambda z: jax.nn.gelu(z, approximate=False)
     erf_fn = jax.scipy.special.erf
@@ -266,9 +271,7 @@ def _make_registry() -> dict[str, Activation]:
         "relu": _scale_invariant("relu", 1.0, 0.0),
         "leaky_relu": _scale_invariant("leaky_relu", 1.0, 0.01),
         "linear": _scale_invariant("linear", 1.0, 1.0),
-        "tanh": Activation(
-            "tanh", jnp.tanh, grad=lambda z: 1 - jnp.tanh(z) ** 2, universality="K*=0", critical=(0.0, 1.0)
-        ),
+        "tanh": Activation("tanh", jnp.tanh, grad=_tanh_grad, universality="K*=0", critical=(0.0, 1.0)),
         "erf": Activation(
             "erf",
             erf_fn,

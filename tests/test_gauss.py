@@ -121,6 +121,41 @@ def test_inner_loop_unroll_does_not_change_results(monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)
 
 
+@pytest.mark.parametrize("name, reach", [("tanh", 300.0), ("sin", 40.0)])
+def test_addition_theorems_equal_direct_evaluation(name, reach):
+    """shift_rule: σ^(p)(a + b), p = 0..5, from the states of a and b equals σ^(p) evaluated at a + b
+    to rounding, saturated tanh tails (|a|, |b| up to the rule's bound 300) included, and so do the
+    derivatives in a and b (at 0 too, where the tanh state switches branch).  (sin is compared up to
+    |a + b| <= 80 only because the reference's own argument a + b carries rounding ∝ |a|.)"""
+    from eft_prob.theory.ntk_stats import _derivative_fns
+
+    act = get_activation(name)
+    rule = gauss.shift_rule(act)
+    assert rule is not None and rule.max_abs == (300.0 if name == "tanh" else None)
+    fns = _derivative_fns(act, 5)
+    a = np.concatenate([np.linspace(-reach, reach, 601), np.linspace(-3, 3, 61), [0.0]])
+    A, B = np.meshgrid(a, a[::3])
+    vals = rule.values(rule.split(jnp.asarray(A)), rule.split(jnp.asarray(B)), 5)
+    for v, f in zip(vals, fns):
+        ref = np.asarray(f(jnp.asarray(A + B)))
+        np.testing.assert_allclose(np.asarray(v), ref, rtol=0, atol=2e-14 * max(1.0, np.abs(ref).max()))
+    for a0, b0 in [(0.0, 0.0), (0.3, 0.0), (0.0, -0.7), (5.0, -5.2), (-20.0, 19.5)]:
+        for p in range(4):
+            g = jax.grad(lambda a, b, p=p: rule.values(rule.split(a), rule.split(b), p)[p], argnums=(0, 1))(a0, b0)
+            g_ref = jax.grad(lambda a, b, p=p: fns[p](a + b), argnums=(0, 1))(a0, b0)
+            np.testing.assert_allclose(g, g_ref, rtol=1e-12, atol=1e-14)
+
+
+def test_addition_theorems_only_for_the_registry_functions():
+    """Only the registry's tanh and sin (by their functions) get a rule: a user's callable that
+    happens to be jnp.tanh has its σ' from autodiff, so it keeps direct evaluation."""
+    from eft_prob.activations import Activation
+
+    assert gauss.shift_rule(get_activation("TANH")) is gauss.shift_rule(get_activation("tanh")) is not None
+    for act in ("gelu", "erf", "swish", "sigmoid", "relu", jnp.tanh, Activation("t", jnp.tanh)):
+        assert gauss.shift_rule(get_activation(act)) is None, act
+
+
 @pytest.mark.parametrize("name", ["tanh", "gelu"])
 def test_smooth_matrix_moments_equal_the_elementwise_rule(name):
     """The pairwise path of sigma_moments (each unordered pair once, inner axis as a loop) against

@@ -102,14 +102,15 @@ def _basis(P: int, max_size: int):
     return tuple(out)
 
 
+def _basis_products(basis):
+    """(σ, ..., σ^(P)) values -> tuple over the basis of Π_{p in t} σ^(p)."""
+    return lambda vals: tuple(math.prod((vals[p] for p in t[1:]), start=vals[t[0]]) for t in basis)
+
+
 def _basis_eval(fns, basis):
     """z -> tuple over the basis of Π_{p in t} σ^(p)(z), each of z's shape."""
-
-    def f(z):
-        vals = [g(z) for g in fns]
-        return tuple(math.prod((vals[p] for p in t[1:]), start=vals[t[0]]) for t in basis)
-
-    return f
+    products = _basis_products(basis)
+    return lambda z: products([g(z) for g in fns])
 
 
 @jax.custom_jvp
@@ -130,7 +131,7 @@ def _sums_last_jvp(primals, tangents):
     return _sums_last(xs), tuple(jnp.sum(t, axis=-1) for t in ts)
 
 
-def _nested_table(K, evals, kinked: bool, n: int, parity=None):
+def _nested_table(K, evals, kinked: bool, n: int, parity=None, shift=None):
     """T[b, f_0, ..., f_{m-1}] = ⟨Π_k evals[k](z_k)[f_k]⟩ for kernels K (B, m, m), flattened to (B, F^m).
 
     One nested rule (:func:`eft_prob.gauss._nested_nodes`); the sum over ξ_k is taken innermost
@@ -140,12 +141,16 @@ def _nested_table(K, evals, kinked: bool, n: int, parity=None):
     for every k (odd σ: σ^(p) has parity (−1)^(p+1)).  The table is then (1 + Π_k parity[f_k]) times
     the sum over the outer half ξ_0 < 0 of the point-symmetric grid (``_nested_nodes(half=True)``):
     half the function evaluations, which dominate the cost.
+
+    ``shift`` (four-input smooth rule): (rule, order, products) to evaluate the innermost variable
+    with the addition theorem ``rule`` (:func:`eft_prob.gauss.shift_rule`) instead of
+    ``evals[-1]``: σ, ..., σ^(order) at each node, combined by ``products`` into the same functions.
     """
     m = K.shape[-1]
     acc = None
     if not kinked and _UNROLLED_INNER and m == 4:  # (m <= 3: smaller grids, more functions: the loop compiles slowly)
         zs, ws, (mu, s, x, w) = gauss._nested_nodes(K, kinked, n, half=parity is not None, split_last=True)
-        acc = _inner_sums(evals[m - 1], mu, s, x, w)
+        acc = _inner_sums(evals[m - 1], mu, s, x, w, shift)
     else:
         zs, ws = gauss._nested_nodes(K, kinked, n, half=parity is not None)
     for k in reversed(range(m if acc is None else m - 1)):
@@ -184,29 +189,38 @@ def _contract_jvp(primals, tangents):
     return _contract(phi, acc), _einsum_contract(dphi, acc) + _einsum_contract(phi, dacc)
 
 
-def _inner_sums(ev, mu, s, x, w):
+def _inner_sums(ev, mu, s, x, w, shift=None):
     """(F, B, n^(m-1)) sums Σ_j w_j ev(mu + s·x_j)[f] over the innermost variable of a smooth nested rule.
 
     The nodes run as an unrolled loop over arrays of the outer grid's shape, so the innermost grid
     is never built and no reduction runs over its short last axis (2.2x faster sums on the
     four-input tables).  XLA still stores each node's function values as outer-grid arrays and sums
     the F functions in separate loops over them, so these sums are bound by memory traffic
-    (benchmarks/README.md, ``--inner``).
+    (benchmarks/README.md, ``--inner``).  With ``shift`` = (rule, order, products) σ^(p)(mu + s·x_j)
+    come from the addition theorem ``rule``: its transcendental functions once on mu and once on the
+    n shifts s·x_j, a few products per grid point (``bench_trained.py --shift``).
     """
     pad = lambda a: a[(...,) + (None,) * (mu.ndim - a.ndim)]
+    if shift is not None:
+        rule, order, products = shift
+        state_mu, state_h = rule.split(mu), rule.split(s[..., None] * x)
+        ev = lambda j: products(rule.values(state_mu, tuple(pad(v[..., j]) for v in state_h), order))
+    else:
+        ev_z = ev
+        ev = lambda j: ev_z(mu + pad(s * x[..., j]))
     acc = None
     for j in range(x.shape[-1]):
-        vals = ev(mu + pad(s * x[..., j]))
+        vals = ev(j)
         wj = pad(w[..., j])
         acc = [wj * v for v in vals] if acc is None else [a + wj * v for a, v in zip(acc, vals)]
     return jnp.stack(acc)
 
 
-def _chunked_tables(K_sub, evals, kinked, n, per_item, parity=None):
+def _chunked_tables(K_sub, evals, kinked, n, per_item, parity=None, shift=None):
     """_nested_table over the leading axis of K_sub in chunks of bounded size, each a
     ``jax.checkpoint`` (as vertex._chunked: value_and_grad of the trained O(1/n) moments, 4 + 2
     inputs, 4.4× faster)."""
-    table = _remat(lambda k: _nested_table(k, evals, kinked, n, parity))
+    table = _remat(lambda k: _nested_table(k, evals, kinked, n, parity, shift))
     S = K_sub.shape[0]
     chunk = max(1, min(S, _MAX_ELEMS // max(1, per_item)))
     n_chunks = -(-S // chunk)
@@ -314,11 +328,12 @@ _UNROLLED_INNER = True
 _BROADCAST_CONTRACT = True
 
 
-def _moment_tables(act, K, P, kinked, nodes, restrict, shared=None):
+def _moment_tables(act, K, P, kinked, nodes, restrict, shared=None, shift=False):
     """All subset tables of products of σ, ..., σ^(P), concatenated, plus a trailing zero.
 
     ``shared`` (with ``restrict``): {m: the tables of the first group of m-subsets, those of inputs
     < n_first alone}, computed once by :func:`_shared_tables` and used instead of recomputing them.
+    ``shift``: the four-input tables' innermost variable by σ's addition theorem (:func:`_shift_ok`).
     """
     fns = _derivative_fns(act, P)
     odd = _odd_smooth(act, kinked)
@@ -331,18 +346,21 @@ def _moment_tables(act, K, P, kinked, nodes, restrict, shared=None):
                     raise ValueError(f"shared tables of {m}-subsets have shape {shared[m].shape}, expected ({size},)")
                 parts.append(shared[m])
             else:
-                parts.append(_group_tables(fns[: q + 1], K, subsets, kinked, nodes[m], odd))
+                rule = gauss.shift_rule(act) if shift and m == 4 else None
+                parts.append(_group_tables(fns[: q + 1], K, subsets, kinked, nodes[m], odd, rule))
     return jnp.concatenate([*parts, jnp.zeros(1, K.dtype)])
 
 
-def _group_tables(fns, K, subsets, kinked: bool, n: int, odd: bool):
-    """Flat tables of one layout group: products of ``fns`` (σ, ..., σ^(q)) on each subset's inputs."""
+def _group_tables(fns, K, subsets, kinked: bool, n: int, odd: bool, rule=None):
+    """Flat tables of one layout group: products of ``fns`` (σ, ..., σ^(q)) on each subset's inputs;
+    ``rule``: the addition theorem of σ for the innermost variable (four-input smooth rule only)."""
     m = subsets.shape[1]
     basis = _basis(len(fns) - 1, 5 - m)
     K_sub = K[subsets[:, :, None], subsets[:, None, :]]
     evals = [_basis_eval(fns, basis)] * m
     parity = [(-1) ** sum(p + 1 for p in t) for t in basis] if odd else None
-    return _chunked_tables(K_sub, evals, kinked, n, len(basis) * n**m, parity).reshape(-1)
+    shift = None if rule is None else (rule, len(fns) - 1, _basis_products(basis))
+    return _chunked_tables(K_sub, evals, kinked, n, len(basis) * n**m, parity, shift).reshape(-1)
 
 
 def _shared_tables(spec: MLPSpec, X_first, level: int, nodes):
@@ -517,7 +535,7 @@ def _zeros_state(K1, T1, derivatives):
     return st
 
 
-def _layer_step(act, st, hyper, derivatives: bool, nodes, restrict=None, shared=None):
+def _layer_step(act, st, hyper, derivatives: bool, nodes, restrict=None, shared=None, shift=False):
     """One step ℓ -> ℓ+1 of every recursion (THEORY.md §3.5, §6.2–6.5, §9.3–9.4)."""
     C_b, C_W, l_b, l_W, r = hyper
     K, Th = st["K"], st["Theta"]
@@ -542,7 +560,7 @@ def _layer_step(act, st, hyper, derivatives: bool, nodes, restrict=None, shared=
         D2 = _smooth_pair(M, dd, 1)
         e20, e31, e22 = M[2, 0], M[3, 1], M[2, 2]
 
-    tables = _moment_tables(act, K, P, kinked, nodes, restrict, shared)
+    tables = _moment_tables(act, K, P, kinked, nodes, restrict, shared, shift)
     E = functools.partial(_four_point, tables, N, P, restrict)
     E0000, E1100, E1111 = E((0, 0, 0, 0)), E((1, 1, 0, 0)), E((1, 1, 1, 1))
 
@@ -698,11 +716,14 @@ def _check_activation(act, derivatives: bool):
         )
 
 
-def _stack(spec: MLPSpec, X, ratios, *, derivatives: bool, all_layers: bool, nodes, restrict=None, shared=None):
+def _stack(
+    spec: MLPSpec, X, ratios, *, derivatives: bool, all_layers: bool, nodes, restrict=None, shared=None, shift=False
+):
     """Run every recursion; ``ratios`` = _width_ratios of the actual spec (``spec`` may be canonical).
 
     ``shared``: :func:`_shared_tables` of the first ``restrict[0]`` inputs at level ``restrict[1][0]``
-    (the same nodes), used at every layer instead of recomputing those tables.
+    (the same nodes), used at every layer instead of recomputing those tables.  ``shift``: the
+    four-input tables by σ's addition theorem (only where :func:`_shift_ok` says it is exact).
     """
     act = spec.activation
     K1, T1 = _first_layer(spec, X)
@@ -714,7 +735,7 @@ def _stack(spec: MLPSpec, X, ratios, *, derivatives: bool, all_layers: bool, nod
 
     def step(carry, xs):
         h, sh = xs
-        nxt = _layer_step(act, carry, h, derivatives, dict(nodes), restrict, sh)
+        nxt = _layer_step(act, carry, h, derivatives, dict(nodes), restrict, sh, shift)
         return nxt, (nxt if all_layers else None)
 
     last, ys = jax.lax.scan(step, st, (hyper, shared))
@@ -723,7 +744,34 @@ def _stack(spec: MLPSpec, X, ratios, *, derivatives: bool, all_layers: bool, nod
     return last
 
 
-_stack_jit = jax.jit(_stack, static_argnames=("derivatives", "all_layers", "nodes", "restrict"))
+_stack_jit = jax.jit(_stack, static_argnames=("derivatives", "all_layers", "nodes", "restrict", "shift"))
+
+
+#: largest preactivation variance at which the four-input tables use σ's addition theorem when its
+#: accuracy is bounded (tanh: arguments |z| <= 300; the nested rule's nodes reach |z| <= 17.4·√K)
+_SHIFT_KMAX = 256.0
+
+
+def _shift_ok(spec: MLPSpec, X) -> bool:
+    """Whether the four-input tables of ``spec`` on inputs ``X`` may use σ's addition theorem
+    (:func:`eft_prob.gauss.shift_rule`): σ has one, and its arguments stay where it is exact.  For
+    tanh that needs every layer's variance <= :data:`_SHIFT_KMAX`, checked on concrete values:
+    K^(1)_αα = C_b + C_W·|x_α|²/n_0 and, since tanh² < 1, K^(ℓ+1)_αα < C_b + C_W.  Traced
+    hyperparameters or inputs (inside jit or grad) keep direct evaluation."""
+    rule = gauss.shift_rule(spec.activation)
+    if rule is None:
+        return False
+    if rule.max_abs is None:
+        return True
+    if not is_concrete(spec, X):
+        return False
+    C_b, C_W = (np.broadcast_to(np.asarray(getattr(spec, k), np.float64), (spec.depth,)) for k in ("C_b", "C_W"))
+    X = np.asarray(X, np.float64)
+    k1 = C_b[0] + C_W[0] * np.max(np.sum(X * X, axis=1)) / spec.input_dim
+    kmax = max(k1, float(np.max(C_b[1:] + C_W[1:]))) if len(C_b) > 1 else k1
+    return bool(np.isfinite(kmax) and kmax <= _SHIFT_KMAX)
+
+
 _shared_tables_jit = jax.jit(_shared_tables, static_argnames=("level", "nodes"))
 
 
@@ -788,7 +836,7 @@ def ntk_statistics(spec: MLPSpec, X, *, all_layers: bool = False, derivatives: b
         derivatives = not act.kinked
     _check_activation(act, bool(derivatives))
     nodes = _nodes_key(act.kinked)
-    kw = dict(derivatives=bool(derivatives), all_layers=bool(all_layers), nodes=nodes)
+    kw = dict(derivatives=bool(derivatives), all_layers=bool(all_layers), nodes=nodes, shift=_shift_ok(spec, X))
     ratios = _width_ratios(spec, X.dtype)
     if is_concrete(spec, X):
         st = _stack_jit(_canonical(spec), X, ratios, **kw)

@@ -454,16 +454,25 @@ def _check_memory(parts: dict, limit_gib, what: str, fix: str) -> None:
         )
 
 
-def _trained_statistics(spec, X_all, nA, orders=(3, 3, 2), shared=None):
+def _trained_statistics(spec, X_all, nA, orders=(3, 3, 2), shared=None, shift=None):
     """NTK statistics on A ∪ B, only the entries the trained moments use: a subset of inputs with k
     test inputs gets derivative order ``orders[k]`` (-1: none; see ntk_stats._table_layout).  The
     joint moments need <= 2 test indices (<= 1 for R, S, T, U): (3, 3, 2); the per-test-input
     marginals only entries whose test indices are all one input: (3, 3, -1).  ``shared``: the
-    training-only tables of :func:`_training_tables` (the same for every batch of test inputs)."""
-    from .ntk_stats import _STATS, NTKStatistics, _canonical, _nodes_key, _stack, _stack_jit, _width_ratios
+    training-only tables of :func:`_training_tables` (the same for every batch of test inputs).
+    ``shift``: the four-input tables by σ's addition theorem (default: ``ntk_stats._shift_ok``)."""
+    from .ntk_stats import _STATS, NTKStatistics, _canonical, _nodes_key, _shift_ok, _stack, _stack_jit, _width_ratios
 
     nodes = _nodes_key(False)
-    kw = dict(derivatives=True, all_layers=False, nodes=nodes, restrict=(nA, tuple(orders)), shared=shared)
+    restrict = (nA, tuple(orders))
+    kw = dict(
+        derivatives=True,
+        all_layers=False,
+        nodes=nodes,
+        restrict=restrict,
+        shared=shared,
+        shift=_shift_ok(spec, X_all) if shift is None else bool(shift),
+    )
     ratios = _width_ratios(spec, X_all.dtype)
     if is_concrete(spec, X_all, shared):
         raw = _stack_jit(_canonical(spec), X_all, ratios, **kw)
@@ -823,8 +832,11 @@ def nlo_trained_marginals(
     fn = _nlo_parts_jit if concrete else _nlo_parts
     bar = _BatchProgress(progress, n_batches, nB, batch_size, done, checkpoint)
     shared = _training_tables(spec, X) if done < n_batches else None  # once, not per batch
+    from .ntk_stats import _shift_ok
+
+    shift = _shift_ok(spec, jnp.concatenate([X, X_test])) if concrete else None  # one program for every batch
     if concrete and n_dev > 1 and done < n_batches:
-        program = _marginal_program(nA, nL, steps, learning_rate is None, tuple(devices))
+        program = _marginal_program(nA, nL, steps, learning_rate is None, tuple(devices), shift)
         lr = jnp.zeros((), X.dtype) if learning_rate is None else jnp.asarray(learning_rate, X.dtype)
         Xb = Xp.reshape(n_batches, batch_size, -1)
         for i in range(done, n_batches, n_dev):
@@ -841,7 +853,7 @@ def nlo_trained_marginals(
         done = n_batches
     for i in range(done, n_batches):
         sl = slice(i * batch_size, (i + 1) * batch_size)
-        st = _trained_statistics(spec, jnp.concatenate([X, Xp[sl]]), nA, orders=(3, 3, -1), shared=shared)
+        st = _trained_statistics(spec, jnp.concatenate([X, Xp[sl]]), nA, orders=(3, 3, -1), shared=shared, shift=shift)
         res = _diagonal_blocks(fn(st, y, learning_rate, nA=nA, steps=steps), nL)
         if not concrete:
             pieces.append(res)
@@ -860,21 +872,21 @@ def nlo_trained_marginals(
     return NLOTrainedMarginals(*res, spec.widths[-2])
 
 
-def _marginal_program(nA: int, nL: int, steps, flow: bool, devices: tuple):
+def _marginal_program(nA: int, nL: int, steps, flow: bool, devices: tuple, shift: bool = False):
     """ensemble._map_program (jit(shard_map(vmap)) over a 1-D mesh of ``devices``, cached): (batches
     (D, batch, d), spec, X, y, shared tables, η) -> the per-test-input (mean0, cov0, mean1, cov1) of
     the D batches, (D, batch, ...), one batch per device.  The spec is an argument (a pytree: its
-    widths and activation retrace, its values do not)."""
+    widths and activation retrace, its values do not); ``shift``: ntk_stats._shift_ok of all inputs."""
     from jax.sharding import Mesh
 
     from ..ensemble import _AXIS, _map_program
 
     def one_batch(xb, spec, X, y, shared, lr):
-        st = _trained_statistics(spec, jnp.concatenate([X, xb]), nA, orders=(3, 3, -1), shared=shared)
+        st = _trained_statistics(spec, jnp.concatenate([X, xb]), nA, orders=(3, 3, -1), shared=shared, shift=shift)
         return _diagonal_blocks(_nlo_parts(st, y, None if flow else lr, nA=nA, steps=steps), nL)
 
     mesh = Mesh(np.asarray(devices), (_AXIS,))
-    return _map_program(one_batch, mesh, 5, ("nlo_trained_marginals", nA, nL, steps, flow))
+    return _map_program(one_batch, mesh, 5, ("nlo_trained_marginals", nA, nL, steps, flow, shift))
 
 
 class _BatchProgress:
