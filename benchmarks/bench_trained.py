@@ -45,6 +45,11 @@ nodes per axis; the three-input rule kept at 32): the marginals on N_A + 24 inpu
 ``--depth``) with a 32-node four-input rule as the reference, then each N4, cold and warm, with the
 warm-time ratio to the default and the largest difference of mean1 / cov1 from the reference.
 
+``--shift [REPS]``: the marginals on N_A + 24 inputs (``--depth``, batch ``--batch-size``, default 8,
+the CPU default), tanh and sin at criticality: the three- and four-input tables' innermost variable
+from σ's addition theorem (``gauss.shift_rule``, where ``kernels._shift_ok`` allows it; current)
+against direct evaluation of σ at every node (baseline), timed as ``--fused``.
+
 ``--devices [N_TEST]``: the marginals on N_A + N_TEST inputs (default 8 + 48, batch 24, ``--depth``)
 one batch at a time on the first local device (baseline) against one batch per local device at once
 (``devices=jax.local_devices()``, shard_map), cold and warm, with the ratio and the largest
@@ -55,6 +60,7 @@ memory: little gain there, 2 devices on 2 cores measured 1.14x at 8 + 48 and 1.2
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import resource
 import sys
@@ -111,7 +117,10 @@ def main() -> None:
     p.add_argument("--cpu-devices", type=int, default=None, help="simulated CPU devices (set before JAX starts)")
     p.add_argument("--nodes", type=int, nargs="+", default=None, metavar="N4")
     p.add_argument("--inner", nargs="?", type=int, const=2, default=None, metavar="REPS")
+    p.add_argument("--shift", nargs="?", type=int, const=2, default=None, metavar="REPS")
     args = p.parse_args()
+    if args.shift is not None:
+        return shift(args.n_train, args.depth, args.shift, args.batch_size or 8)
     if args.inner is not None:
         return inner(args.n_train, args.depth, args.inner, args.batch_size or 24)
     if args.nodes is not None:
@@ -215,14 +224,35 @@ def inner(n_trains, depth: int, reps: int, batch: int) -> None:
     compare_paths(modes, n_trains, depth, reps, batch)
 
 
-def compare_paths(modes: dict, n_trains, depth: int, reps: int, batch: int) -> None:
+class _Never:
+    """kernels._shift_ok replaced: never the addition theorem (direct evaluation)."""
+
+    def __call__(self, *args) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return "never"
+
+
+def shift(n_trains, depth: int, reps: int, batch: int) -> None:
+    """The three- and four-input tables by σ's addition theorem (current) vs direct evaluation (baseline)."""
+    kernels = importlib.import_module("eft_prob.theory.kernels")  # eft_prob.theory.kernels is also a function
+
+    modes = {"baseline": {"_shift_ok": _Never()}, "current": {"_shift_ok": kernels._shift_ok}}
+    for act in ("tanh", "sin"):
+        compare_paths(modes, n_trains, depth, reps, batch, act, module=kernels)
+
+
+def compare_paths(
+    modes: dict, n_trains, depth: int, reps: int, batch: int, activation: str = "tanh", module=ntk_stats
+) -> None:
     """nlo_trained_marginals on N_A + 24 inputs (batch ``batch``) with the ntk_stats flags of each mode
     ({name: {attribute: value}}, "baseline" and "current"), each compiled afresh, then warm REPS times
     alternating; minimum warm time reported."""
     from eft_prob.theory.training import nlo_trained_marginals
 
     print(
-        f"# jax {jax.__version__}, backend {jax.default_backend()}, depth {depth}, tanh at criticality, "
+        f"# jax {jax.__version__}, backend {jax.default_backend()}, depth {depth}, {activation} at criticality, "
         f"width 64, batch {batch}, load average {os.getloadavg()}\n"
     )
     print("# " + "; ".join(f"{name}: {flags}" for name, flags in modes.items()) + "\n")
@@ -232,9 +262,9 @@ def compare_paths(modes: dict, n_trains, depth: int, reps: int, batch: int) -> N
     )
     print("|---|---|---|---|---|---|")
     warnings.simplefilter("ignore", ep.CostWarning)
-    spec = ep.MLPSpec.at_criticality(3, (64,) * (depth - 1), 1, "tanh")
+    spec = ep.MLPSpec.at_criticality(3, (64,) * (depth - 1), 1, activation)
     names = {k for flags in modes.values() for k in flags}
-    saved = {k: getattr(ntk_stats, k) for k in names}
+    saved = {k: getattr(module, k) for k in names}
     for nA in n_trains:
         rng = np.random.default_rng(0)
         X, Xt = rng.normal(size=(nA, 3)), rng.normal(size=(24, 3))
@@ -244,7 +274,7 @@ def compare_paths(modes: dict, n_trains, depth: int, reps: int, batch: int) -> N
             for _ in range(reps):
                 for name, flags in modes.items():
                     for k, v in flags.items():
-                        setattr(ntk_stats, k, v)
+                        setattr(module, k, v)
                     jax.clear_caches()  # the flags are read when tracing: compile this path afresh
                     t = time.perf_counter()
                     jax.block_until_ready(nlo_trained_marginals(spec, X, y, Xt + 1e-3, batch_size=batch))
@@ -254,7 +284,7 @@ def compare_paths(modes: dict, n_trains, depth: int, reps: int, batch: int) -> N
                     warm[name].append(time.perf_counter() - t)
         finally:
             for k, v in saved.items():
-                setattr(ntk_stats, k, v)
+                setattr(module, k, v)
         b, c = out["baseline"], out["current"]
         tb, tc = min(warm["baseline"]), min(warm["current"])
         print(

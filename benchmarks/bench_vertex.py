@@ -38,10 +38,16 @@ Two tables, each measured in this run:
    warm, and ``prior_statistics`` at N = 128 and 1000 (depth 10, width 64), forward.  Each variant
    runs in its own process.
 
+7. With ``--shift``, the smooth pair integrals' inner axis from σ's addition theorem
+   (``gauss.shift_rule``, wherever ``theory.kernels._shift_ok`` allows it, since 2026-11-29) against
+   direct evaluation of σ at every node, tanh at criticality, depth 10, width 64, forward: the NNGP
+   and NTK kernels and ``prior_statistics`` (K, K^{1}, factored V) at N = 128 and 1000, each
+   variant in its own process without the compilation cache, cold and warm.
+
 The process's peak resident memory is printed after each row (it only grows).
 
 Usage: ``PYTHONPATH=. python benchmarks/bench_vertex.py [--quick] [--activations relu tanh] [--joint]
-[--likelihood] [--remat] [--unroll]``
+[--likelihood] [--remat] [--unroll] [--shift]``
 (``--quick``: N = 12 and N = 200).
 """
 
@@ -298,6 +304,52 @@ def unroll_table() -> None:
     print(f"\nload average at the end {os.getloadavg()}")
 
 
+def shift_case(case: str, on: bool) -> None:
+    """One variant of table 7 in this process: prints a JSON line (times, value, peak RSS)."""
+    import importlib
+    import json
+
+    from eft_prob.theory import vertex
+
+    if not on:  # both modules read kernels._shift_ok under their own name
+        never = lambda spec, X: False
+        importlib.import_module("eft_prob.theory.kernels")._shift_ok = never
+        vertex._shift_ok = never
+    what, N = case.split(":")
+    X = np.random.default_rng(0).normal(size=(int(N), 3))
+    spec = ep.MLPSpec.at_criticality(3, (64,) * 9, 1, "tanh")
+    if what == "kernels":
+        run = lambda: jax.block_until_ready(ep.theory.kernels(spec, X).ntk)
+    else:
+        run = lambda: jax.block_until_ready(prior_statistics(spec, X).K1)
+    v, cold = timed(run)
+    warm = min(timed(run)[1] for _ in range(2 if int(N) > 200 else 5))
+    print(json.dumps(dict(cold=cold, warm=warm, peak=peak_gib(), value=float(jnp.sum(v)))))
+
+
+def shift_table() -> None:
+    print("## The pair integrals' inner axis by σ's addition theorem vs direct evaluation (own processes)\n")
+    print(
+        "| what | N | direct cold | shift cold | direct warm | shift warm | ratio (warm) | max rel. difference "
+        "| peak RSS GiB direct / shift |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    env = dict(os.environ, JAX_ENABLE_COMPILATION_CACHE="false")
+    for case, what in (
+        ("kernels:1000", "NNGP and NTK (theory.kernels), tanh, depth 10"),
+        ("stats:128", "prior_statistics, tanh, depth 10"),
+        ("stats:1000", "prior_statistics, tanh, depth 10"),
+    ):
+        a, b = (_variant("--shift-case", case, str(int(on)), env=env) for on in (False, True))
+        print(
+            f"| {what} | {case.split(':')[1]} | {a['cold']:.1f} s | {b['cold']:.1f} s | {a['warm']:.2f} s | "
+            f"{b['warm']:.2f} s | {a['warm'] / b['warm']:.2f}x | {_variant_difference(a, b):.0e} | "
+            f"{a['peak']:.2f} / {b['peak']:.2f} |",
+            flush=True,
+        )
+    print(f"\nload average at the end {os.getloadavg()}")
+
+
 def main(quick: bool, activations, many_only: bool = False, with_joint: bool = False, lik: bool = False) -> None:
     rng = np.random.default_rng(0)
     print(f"# jax {jax.__version__}, backend {jax.default_backend()}, load average {os.getloadavg()}\n")
@@ -351,8 +403,14 @@ if __name__ == "__main__":
     p.add_argument("--remat-case", nargs=3, metavar=("ACT", "N", "REMAT"), help=argparse.SUPPRESS)
     p.add_argument("--unroll", action="store_true", help="only table 6 (the pair integrals' loop unrolled 4 vs 1)")
     p.add_argument("--unroll-case", nargs=2, metavar=("CASE", "UNROLL"), help=argparse.SUPPRESS)
+    p.add_argument("--shift", action="store_true", help="only table 7 (the pair integrals by the addition theorem)")
+    p.add_argument("--shift-case", nargs=2, metavar=("CASE", "ON"), help=argparse.SUPPRESS)
     a = p.parse_args()
-    if a.unroll_case:
+    if a.shift_case:
+        shift_case(a.shift_case[0], bool(int(a.shift_case[1])))
+    elif a.shift:
+        shift_table()
+    elif a.unroll_case:
         unroll_case(a.unroll_case[0], int(a.unroll_case[1]))
     elif a.unroll:
         unroll_table()

@@ -261,7 +261,7 @@ def inner_unroll(N: int) -> int:
     return _INNER_UNROLL if N * (N + 1) // 2 > _UNROLL_MIN_PAIRS else 1
 
 
-def inner_sums(fns: Callable, c, l22, x, w, parity=None, unroll: int = 1):
+def inner_sums(fns: Callable, c, l22, x, w, parity=None, unroll: int = 1, rule: ShiftRule | None = None, order=None):
     """Inner sums of a nested two-dimensional rule for one pair: for every outer node i,
     ``S_k[i] = Σ_j w_j f_k(c_i + l22·x_j)`` with (f_k) = ``fns(z)`` (a tuple of arrays).
 
@@ -270,17 +270,25 @@ def inner_sums(fns: Callable, c, l22, x, w, parity=None, unroll: int = 1):
     ``parity`` (±1 per f_k: f_k(−z) = ±f_k(z)), a rule symmetric about 0 (x_{n−1−j} = −x_j, equal
     weights) and c odd in i, the grid is point-symmetric and only the first half of the outer nodes
     is evaluated: S_k[n−1−i] = parity_k·S_k[i].  ``unroll``: of the loop (:func:`inner_unroll`).
+    With an addition theorem ``rule`` (:func:`shift_rule`), ``fns`` takes (σ, ..., σ^(order)) at the
+    node instead of z, computed from the states of c_i and of the shifts l22·x_j.
     """
     n = c.shape[0]
     if parity is not None:
         c = c[: (n + 1) // 2]
+    if rule is None:
+        at, shifts = (lambda h: fns(c + h)), l22 * x
+    else:
+        state_c = rule.split(c)
+        at, shifts = (lambda h: fns(rule.values(state_c, h, order))), rule.split(l22 * x)
 
-    def body(acc, xw):
-        v = fns(c + l22 * xw[0])
-        return tuple(a + xw[1] * f for a, f in zip(acc, v)), None
+    def body(acc, hw):
+        v = at(hw[0])
+        return tuple(a + hw[1] * f for a, f in zip(acc, v)), None
 
-    first = tuple(w[0] * f for f in fns(c + l22 * x[0]))
-    out, _ = jax.lax.scan(body, first, (x[1:], w[1:]), unroll=unroll)
+    first = tuple(w[0] * f for f in at(jax.tree_util.tree_map(lambda a: a[0], shifts)))
+    rest = jax.tree_util.tree_map(lambda a: a[1:], shifts)
+    out, _ = jax.lax.scan(body, first, (rest, w[1:]), unroll=unroll)
     if parity is not None:
         out = tuple(jnp.concatenate([S, p * S[: n // 2][::-1]]) for S, p in zip(out, parity))
     return out
@@ -379,13 +387,15 @@ def is_odd(act: Activation) -> bool:
     return bool(np.all(np.abs(a + b) <= 1e-13 * np.maximum(np.abs(a), 1e-300)))
 
 
-def sigma_moments(act: Activation, K, *, quadrature: bool = False, orders=None):
+def sigma_moments(act: Activation, K, *, quadrature: bool = False, orders=None, shift: bool = False):
     """Matrices (⟨σ_ασ_β⟩_K, ⟨σ'_ασ'_β⟩_K) for an (N, N) kernel K.
 
     With quadrature, every entry (the diagonal included) uses the same two-dimensional rule, so
     duplicated inputs give exactly duplicated rows and the kernel stays PSD.  Smooth σ: each
     unordered pair once (:func:`over_pairs`), the inner axis summed as a loop
-    (:func:`inner_sums`); kinked σ: rows in chunks to bound memory.
+    (:func:`inner_sums`); kinked σ: rows in chunks to bound memory.  ``shift``: the inner axis by
+    σ's addition theorem (:func:`shift_rule`; the caller checks that the arguments stay where it is
+    exact, eft_prob.theory.kernels._shift_ok).
     """
     K = jnp.asarray(K)
     d = jnp.diagonal(K)
@@ -397,10 +407,12 @@ def sigma_moments(act: Activation, K, *, quadrature: bool = False, orders=None):
         x, w = (jnp.asarray(v, K.dtype) for v in _sinh_trapezoid(o["smooth2"]))
         fn, gr, odd = act.fn, act.grad, is_odd(act)
         unroll = inner_unroll(N)
+        rule = shift_rule(act) if shift else None
+        inner = (lambda d: (d[0], d[1])) if rule is not None else (lambda z: (fn(z), gr(z)))
 
         def pair(k11, k22, k12):
             l11, l21, l22 = _cholesky_2x2(k11, k22, k12)
-            I0, I1 = inner_sums(lambda z: (fn(z), gr(z)), l21 * x, l22, x, w, (-1, 1) if odd else None, unroll)
+            I0, I1 = inner_sums(inner, l21 * x, l22, x, w, (-1, 1) if odd else None, unroll, rule, 1)
             a = l11 * x
             return jnp.stack([jnp.sum(w * fn(a) * I0), jnp.sum(w * gr(a) * I1)])
 

@@ -1,5 +1,7 @@
 """Closed-form Gaussian expectations against quadrature, and quadrature convergence."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -144,6 +146,56 @@ def test_addition_theorems_equal_direct_evaluation(name, reach):
             g = jax.grad(lambda a, b, p=p: rule.values(rule.split(a), rule.split(b), p)[p], argnums=(0, 1))(a0, b0)
             g_ref = jax.grad(lambda a, b, p=p: fns[p](a + b), argnums=(0, 1))(a0, b0)
             np.testing.assert_allclose(g, g_ref, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["tanh", "sin"])
+def test_pair_integrals_by_the_addition_theorem(name):
+    """sigma_moments and the smooth pair tables with the inner axis from σ's addition theorem equal
+    direct evaluation to rounding, values and gradients, repeated inputs included."""
+    from eft_prob.theory import vertex
+
+    act = get_activation(name)
+    X = np.random.default_rng(3).normal(size=(5, 2))
+    X[4] = X[1]
+    K = jnp.asarray(0.1 + X @ X.T / 2)
+
+    def run(shift):
+        f = lambda c: (
+            *gauss.sigma_moments(act, c * K, quadrature=True, shift=shift),
+            vertex._smooth_pair_integrals(act, c * K, shift=shift),
+        )
+        g = jax.grad(lambda c: sum(jnp.sum(jnp.sin(a)) for a in f(c)))(1.7)
+        return (*f(1.7), g)
+
+    for a, b in zip(run(True), run(False)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-13 * max(1.0, np.abs(b).max()))
+
+
+def test_kernels_by_the_addition_theorem_at_many_inputs(monkeypatch):
+    """End to end, N = 70 (the unrolled pair loop): tanh kernels and the prior statistics (K, K^{1},
+    the factored V's exact parts) with the addition theorem (the default here) equal direct evaluation
+    to rounding.  The factored V's draws σ(ξ·√K) agree to 1e-10 only: the square root of the nearly
+    singular K amplifies rounding differences of K (1e-16) on its smallest eigenvalues."""
+    kernels = importlib.import_module("eft_prob.theory.kernels")  # eft_prob.theory.kernels is also a function
+    from eft_prob.theory import vertex
+
+    spec = ep.MLPSpec.at_criticality(3, (32, 32), 1, "tanh")
+    X = np.random.default_rng(0).normal(size=(70, 3))
+    assert kernels._shift_ok(spec, X)
+
+    def run():
+        st = ep.theory.prior_statistics(spec, X, samples=16)
+        exact = (ep.theory.nngp(spec, X, all_layers=True), ep.theory.ntk(spec, X), st.K, st.K1, st.V.M, st.V.P)
+        return exact, (st.V.phi, st.V.last)
+
+    on = run()
+    monkeypatch.setattr(kernels, "_shift_ok", lambda spec, X: False)
+    monkeypatch.setattr(vertex, "_shift_ok", lambda spec, X: False)
+    off = run()
+    for group, tol in zip(range(2), (1e-13, 1e-10)):
+        for a, b in zip(on[group], off[group]):
+            a, b = np.asarray(a), np.asarray(b)
+            np.testing.assert_allclose(a, b, rtol=0, atol=tol * max(1.0, np.abs(b).max()))
 
 
 def test_addition_theorems_only_for_the_registry_functions():

@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .. import gauss
 from .._config import float64_theory, is_concrete
@@ -48,8 +49,35 @@ def _first_layer(spec: MLPSpec, X):
     return C_b + C_W * G0, l_b + l_W * G0
 
 
-def _kernel_stack(spec: MLPSpec, X, quadrature: bool = False, orders=None, stack: bool = True):
-    """The recursion; ``stack=False`` returns only the output layer (no (L, N, N) buffers)."""
+#: largest preactivation variance at which the Gaussian rules use σ's addition theorem when its
+#: accuracy is bounded (tanh: arguments |z| <= 300; the four-input rule's nodes reach |z| <= 17.4·√K)
+_SHIFT_KMAX = 256.0
+
+
+def _shift_ok(spec: MLPSpec, X) -> bool:
+    """Whether the Gaussian rules for ``spec`` on inputs ``X`` (the pair integrals of the kernel and
+    vertex recursions, the three- and four-input tables of the NTK statistics) may use σ's addition
+    theorem (:func:`eft_prob.gauss.shift_rule`): σ has one, and its arguments stay where it is exact.  For
+    tanh that needs every layer's variance <= :data:`_SHIFT_KMAX`, checked on concrete values:
+    K^(1)_αα = C_b + C_W·|x_α|²/n_0 and, since tanh² < 1, K^(ℓ+1)_αα < C_b + C_W.  Traced
+    hyperparameters or inputs (inside jit or grad) keep direct evaluation."""
+    rule = gauss.shift_rule(spec.activation)
+    if rule is None:
+        return False
+    if rule.max_abs is None:
+        return True
+    if not is_concrete(spec, X):
+        return False
+    C_b, C_W = (np.broadcast_to(np.asarray(getattr(spec, k), np.float64), (spec.depth,)) for k in ("C_b", "C_W"))
+    X = np.asarray(X, np.float64)
+    k1 = C_b[0] + C_W[0] * np.max(np.sum(X * X, axis=1)) / spec.input_dim
+    kmax = max(k1, float(np.max(C_b[1:] + C_W[1:]))) if len(C_b) > 1 else k1
+    return bool(np.isfinite(kmax) and kmax <= _SHIFT_KMAX)
+
+
+def _kernel_stack(spec: MLPSpec, X, quadrature: bool = False, orders=None, stack: bool = True, shift: bool = False):
+    """The recursion; ``stack=False`` returns only the output layer (no (L, N, N) buffers); ``shift``:
+    the pair integrals by σ's addition theorem (:func:`_shift_ok`)."""
     act = spec.activation
     orders = dict(orders) if orders else None
     K1, T1 = _first_layer(spec, X)
@@ -62,7 +90,7 @@ def _kernel_stack(spec: MLPSpec, X, quadrature: bool = False, orders=None, stack
         C_b, C_W, l_b, l_W = h
         # Closed forms are symmetric in (α, β) exactly and sigma_moments symmetrizes quadrature,
         # so K and Θ stay exactly symmetric without a transpose per layer (a large cost on CPU).
-        ss, dd = gauss.sigma_moments(act, K, quadrature=quadrature, orders=orders)
+        ss, dd = gauss.sigma_moments(act, K, quadrature=quadrature, orders=orders, shift=shift)
         nxt = (C_b + C_W * ss, l_b + l_W * ss + C_W * dd * T)
         return nxt, (nxt if stack else None)
 
@@ -74,7 +102,7 @@ def _kernel_stack(spec: MLPSpec, X, quadrature: bool = False, orders=None, stack
 
 # One compiled recursion per (architecture, shapes, options): eager calls reuse it instead of
 # re-tracing the scan every time.  The spec is a pytree argument, so C_b, C_W, λ stay traceable.
-_kernel_stack_jit = jax.jit(_kernel_stack, static_argnames=("quadrature", "orders", "stack"))
+_kernel_stack_jit = jax.jit(_kernel_stack, static_argnames=("quadrature", "orders", "stack", "shift"))
 
 
 @jax.jit
@@ -113,7 +141,8 @@ def _compute(spec, X, quadrature, orders, regularize, stack):
         gauss._orders(orders)  # validate eagerly, with a clear message
     if is_concrete(spec, X):
         # the kernels do not depend on the widths: one compilation serves every width
-        out = _kernel_stack_jit(_canonical(spec), X, quadrature=quadrature, orders=key, stack=stack)
+        shift = _shift_ok(spec, X)
+        out = _kernel_stack_jit(_canonical(spec), X, quadrature=quadrature, orders=key, stack=stack, shift=shift)
         return _regularized(out) if regularize else out
     return _kernel_stack(spec, X, quadrature, key, stack)  # inside a caller's trace
 

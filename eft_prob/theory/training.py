@@ -460,8 +460,9 @@ def _trained_statistics(spec, X_all, nA, orders=(3, 3, 2), shared=None, shift=No
     joint moments need <= 2 test indices (<= 1 for R, S, T, U): (3, 3, 2); the per-test-input
     marginals only entries whose test indices are all one input: (3, 3, -1).  ``shared``: the
     training-only tables of :func:`_training_tables` (the same for every batch of test inputs).
-    ``shift``: the four-input tables by σ's addition theorem (default: ``ntk_stats._shift_ok``)."""
-    from .ntk_stats import _STATS, NTKStatistics, _canonical, _nodes_key, _shift_ok, _stack, _stack_jit, _width_ratios
+    ``shift``: the four-input tables by σ's addition theorem (default: ``kernels._shift_ok``)."""
+    from .kernels import _shift_ok
+    from .ntk_stats import _STATS, NTKStatistics, _canonical, _nodes_key, _stack, _stack_jit, _width_ratios
 
     nodes = _nodes_key(False)
     restrict = (nA, tuple(orders))
@@ -832,7 +833,7 @@ def nlo_trained_marginals(
     fn = _nlo_parts_jit if concrete else _nlo_parts
     bar = _BatchProgress(progress, n_batches, nB, batch_size, done, checkpoint)
     shared = _training_tables(spec, X) if done < n_batches else None  # once, not per batch
-    from .ntk_stats import _shift_ok
+    from .kernels import _shift_ok
 
     shift = _shift_ok(spec, jnp.concatenate([X, X_test])) if concrete else None  # one program for every batch
     if concrete and n_dev > 1 and done < n_batches:
@@ -876,7 +877,7 @@ def _marginal_program(nA: int, nL: int, steps, flow: bool, devices: tuple, shift
     """ensemble._map_program (jit(shard_map(vmap)) over a 1-D mesh of ``devices``, cached): (batches
     (D, batch, d), spec, X, y, shared tables, η) -> the per-test-input (mean0, cov0, mean1, cov1) of
     the D batches, (D, batch, ...), one batch per device.  The spec is an argument (a pytree: its
-    widths and activation retrace, its values do not); ``shift``: ntk_stats._shift_ok of all inputs."""
+    widths and activation retrace, its values do not); ``shift``: kernels._shift_ok of all inputs."""
     from jax.sharding import Mesh
 
     from ..ensemble import _AXIS, _map_program

@@ -51,7 +51,7 @@ from .. import gauss
 from .._config import float64_theory, is_concrete
 from .._validate import check_inputs
 from ..spec import MLPSpec
-from .kernels import _canonical, _first_layer, _width_ratios
+from .kernels import _canonical, _first_layer, _shift_ok, _width_ratios
 
 __all__ = [
     "FactoredVertex",
@@ -133,7 +133,7 @@ def _rowwise(fn, K, nodes):
 _SMOOTH_PAIR_NODES = 48  # nodes per axis of the adapted sinh rule for the pair integrals below
 
 
-def _smooth_pair_integrals(act, K, n=_SMOOTH_PAIR_NODES):
+def _smooth_pair_integrals(act, K, n=_SMOOTH_PAIR_NODES, shift: bool = False):
     """For smooth σ and all pairs (a, b), one nested 2-D rule (the adapted sinh trapezoid of
     eft_prob.gauss.expect_nd: ≲1e-10 relative for K ≲ 3, ~1e-6 for the fourth-derivative moments at
     K = 10) gives, stacked as (11, N, N):
@@ -145,19 +145,24 @@ def _smooth_pair_integrals(act, K, n=_SMOOTH_PAIR_NODES):
     Each unordered pair is integrated once (both orientations come from the same grid), σ and its
     derivatives are evaluated once per grid point, the inner axis is summed as a loop, and for odd σ
     only half of the (point-symmetric) grid is evaluated (:func:`eft_prob.gauss.inner_sums`).
+    ``shift``: the inner axis by σ's addition theorem (:func:`eft_prob.gauss.shift_rule`; see
+    eft_prob.theory.kernels._shift_ok).
     """
     s0, s1, s2, s3, s4 = _derivatives(act)
     parity = (-1, 1, -1, 1, -1, 1, -1, 1) if gauss.is_odd(act) else None  # of the functions below
     unroll = gauss.inner_unroll(K.shape[0])
+    rule = gauss.shift_rule(act) if shift else None
 
-    def inner(z):
-        q = s0(z) ** 2
-        return (s0(z), s1(z), s2(z), s3(z), s4(z), q, q * s0(z), q * q)
+    def from_values(d):
+        q = d[0] ** 2
+        return (*d, q, q * d[0], q * q)
+
+    inner = from_values if rule is not None else (lambda z: from_values(tuple(s(z) for s in (s0, s1, s2, s3, s4))))
 
     def pair(k11, k22, k12):
         x, w = gauss._adapted_sinh(jnp.maximum(k11, k22), n)
         l11, l21, l22 = gauss._cholesky_2x2(k11, k22, k12)
-        I0, I1, I2, I3, I4, Q2, Q3, Q4 = gauss.inner_sums(inner, l21 * x, l22, x, w, parity, unroll)
+        I0, I1, I2, I3, I4, Q2, Q3, Q4 = gauss.inner_sums(inner, l21 * x, l22, x, w, parity, unroll, rule, 4)
         a = l11 * x
         a0, a1, a2, a3, a4 = s0(a), s1(a), s2(a), s3(a), s4(a)
         vals = (a2 * I0, a4 * I0, a3 * I1, a2 * I2, Q4, a0 * Q3, a0**2 * Q2, a0**3 * I0, a0**4 * jnp.sum(w))
@@ -497,10 +502,12 @@ def _stack(
     low_orders,
     nd_orders,
     trace: bool = False,
+    shift: bool = False,
 ):
     """Run the joint (K, K^{1}, V) recursion.  With ``trace``, also return the per-step inputs
     (K^(ℓ), ⟨σσ⟩_{K^(ℓ)}, D^(ℓ)) for ℓ = 1..L-1 that the factored vertex is built from.  The hidden
-    widths enter only through ``ratios`` (:func:`_width_ratios`), so ``spec`` may be :func:`_canonical`."""
+    widths enter only through ``ratios`` (:func:`_width_ratios`), so ``spec`` may be :func:`_canonical`.
+    ``shift``: the smooth pair integrals by σ's addition theorem (kernels._shift_ok)."""
     act = spec.activation
     K1, _ = _first_layer(spec, X)
     N = K1.shape[0]
@@ -524,15 +531,15 @@ def _stack(
         closed = act.pair is not None and not quadrature
         smooth = None
         if not act.kinked and (act.slopes is None) and not (closed and full):
-            smooth = _smooth_pair_integrals(act, K)  # Stein moments, pair fourth moments, F and dd at once
+            smooth = _smooth_pair_integrals(act, K, shift=shift)  # Stein and fourth moments, F, dd at once
         if smooth is not None and not closed and "smooth2" not in (orders or {}):
             F, dd = jax.lax.cond(
                 jnp.max(jnp.diagonal(K)) <= _TABLE_KMAX,
                 lambda: (smooth[9], smooth[10]),
-                lambda: gauss.sigma_moments(act, K, quadrature=quadrature, orders=orders),
+                lambda: gauss.sigma_moments(act, K, quadrature=quadrature, orders=orders, shift=shift),
             )
         else:
-            F, dd = gauss.sigma_moments(act, K, quadrature=quadrature, orders=orders)
+            F, dd = gauss.sigma_moments(act, K, quadrature=quadrature, orders=orders, shift=shift)
         D, H = _pair_stats(act, K, F, dd, low_orders, quadrature, smooth)
         Fd = jnp.diagonal(F)
         if full:
@@ -569,7 +576,9 @@ def _stack(
     return (last, tr) if trace else last
 
 
-_stack_jit = jax.jit(_stack, static_argnames=("full", "stack", "quadrature", "low_orders", "nd_orders", "trace"))
+_stack_jit = jax.jit(
+    _stack, static_argnames=("full", "stack", "quadrature", "low_orders", "nd_orders", "trace", "shift")
+)
 
 
 def _symmetrize_vertex(V):
@@ -580,7 +589,7 @@ def _symmetrize_vertex(V):
     return (V + jnp.swapaxes(jnp.swapaxes(V, -4, -2), -3, -1)) / 2
 
 
-def _compute(spec, X, full, all_layers, quadrature, orders, trace=False, ratios=None):
+def _compute(spec, X, full, all_layers, quadrature, orders, trace=False, ratios=None, shift=None):
     X = check_inputs(spec, X)
     low, nd = _split_orders(orders)
     N = X.shape[0]
@@ -589,7 +598,10 @@ def _compute(spec, X, full, all_layers, quadrature, orders, trace=False, ratios=
         groups = ((jnp.asarray(i2), jnp.asarray(i3), jnp.asarray(i4)), tuple(jnp.asarray(r) for r in ranks))
     else:
         groups = None
+    if shift is None:
+        shift = _shift_ok(spec, X)
     kw = dict(full=full, stack=all_layers, quadrature=quadrature, low_orders=low, nd_orders=nd, trace=trace)
+    kw["shift"] = bool(shift)
     if ratios is None:
         ratios = _width_ratios(spec)
     if is_concrete(spec, X, ratios):  # one compilation for every width
@@ -911,6 +923,7 @@ def prior_statistics(
     samples, last_samples = int(samples), int(last_samples)
     canonical, ratios = _canonical(spec), _width_ratios(spec)
     kw = dict(quadrature=bool(quadrature), orders=tuple(sorted(orders.items())) if orders else None)
+    kw["shift"] = _shift_ok(spec, X)  # False for traced tanh hyperparameters (NUTS): direct evaluation
     if not factored:
         K, G, V = _statistics_jit(canonical, X, ratios, **kw)
     else:  # the recursion compiled once for every sample count; only the cheap factored build is keyed on it
@@ -920,21 +933,21 @@ def prior_statistics(
     return PriorStatistics(K, G, V, spec.widths[-2])
 
 
-def _statistics(spec, X, ratios, *, quadrature=False, orders=None):
+def _statistics(spec, X, ratios, *, quadrature=False, orders=None, shift=False):
     """Dense K, K^{1}, V of :func:`prior_statistics` from validated arguments (``spec`` may be
     canonical; ``orders`` as a tuple of items), in one pass: the dense recursion carries K and K^{1}
     along with V.  Called through :data:`_statistics_jit`: one compiled program per depth,
     activation and input count, for every width, also under eager ``jax.grad``/``vmap``."""
-    K, G, V = _compute(spec, X, True, False, quadrature, orders, ratios=ratios)
+    K, G, V = _compute(spec, X, True, False, quadrature, orders, ratios=ratios, shift=shift)
     return K, (G + G.T) / 2, _symmetrize_vertex(V)
 
 
-def _trace(spec, X, ratios, *, quadrature=False, orders=None):
+def _trace(spec, X, ratios, *, quadrature=False, orders=None, shift=False):
     """K, K^{1} and the per-step (K^(ℓ), ⟨σσ⟩, D^(ℓ)) the factored V is built from (as :func:`_statistics`)."""
-    (K, G, _), tr = _compute(spec, X, False, False, quadrature, orders, trace=True, ratios=ratios)
+    (K, G, _), tr = _compute(spec, X, False, False, quadrature, orders, trace=True, ratios=ratios, shift=shift)
     return K, (G + G.T) / 2, tr
 
 
-_statistics_jit = jax.jit(_statistics, static_argnames=("quadrature", "orders"))
-_trace_jit = jax.jit(_trace, static_argnames=("quadrature", "orders"))
+_statistics_jit = jax.jit(_statistics, static_argnames=("quadrature", "orders", "shift"))
+_trace_jit = jax.jit(_trace, static_argnames=("quadrature", "orders", "shift"))
 _factored_jit = jax.jit(_factored, static_argnames=("samples", "last_samples"))

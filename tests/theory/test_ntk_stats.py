@@ -3,6 +3,7 @@
 Monte Carlo checks against real networks are in test_ntk_stats_mc.py.
 """
 
+import importlib
 import itertools
 
 import jax
@@ -333,31 +334,31 @@ def test_fused_innermost_sums_and_their_derivatives(monkeypatch, name, m):
     _assert_table_paths_agree(monkeypatch, table, K, dK, w, settings)
 
 
-@pytest.mark.parametrize("name", ["tanh", "sin"])
-def test_four_input_tables_by_the_addition_theorem(name):
-    """The four-input rule's innermost variable from σ's addition theorem (gauss.shift_rule): values,
-    forward- and reverse-mode derivatives equal direct evaluation to rounding, on the half grid, for
-    kernels of variance up to ~12 and a singular one (a repeated input: conditional sd 0)."""
+@pytest.mark.parametrize("name, m", [("tanh", 4), ("sin", 4), ("tanh", 3)])
+def test_tables_by_the_addition_theorem(name, m):
+    """The three- and four-input rules' innermost variable from σ's addition theorem (gauss.shift_rule):
+    values, forward- and reverse-mode derivatives equal direct evaluation to rounding, on the half grid,
+    for kernels of variance up to ~12 and a singular one (a repeated input: conditional sd 0)."""
     from eft_prob.theory import ntk_stats as ns
 
     act = get_activation(name)
-    basis = ns._basis(3, 1)
+    basis = ns._basis(3, 5 - m)
     fns = ns._derivative_fns(act, 3)
     assert ns._odd_smooth(act, False)
     parity = [(-1) ** sum(p + 1 for p in t) for t in basis]
-    A = np.random.default_rng(4).normal(size=(3, 4, 5))
-    A[2, 3] = A[2, 1]  # inputs 1 and 3 of the third kernel coincide
+    A = np.random.default_rng(4).normal(size=(3, m, 5))
+    A[2, m - 1] = A[2, 1]  # inputs 1 and m - 1 of the third kernel coincide
     A[1] *= 3.0
     K = jnp.asarray(A @ A.transpose(0, 2, 1) / 5 + 0.1)
     dK = jnp.asarray(np.random.default_rng(5).normal(size=K.shape))
     dK = dK + dK.transpose(0, 2, 1)
-    w = jnp.asarray(np.random.default_rng(6).normal(size=(3, len(basis) ** 4)))
+    w = jnp.asarray(np.random.default_rng(6).normal(size=(3, len(basis) ** m)))
     shift = (gauss.shift_rule(act), 3, ns._basis_products(basis))
     out = []
     for sh in (None, shift):
 
         def table(K, sh=sh):
-            return ns._nested_table(K, [ns._basis_eval(fns, basis)] * 4, False, 24, parity, sh)
+            return ns._nested_table(K, [ns._basis_eval(fns, basis)] * m, False, 24, parity, sh)
 
         val, tan = jax.jit(lambda K, dK, t=table: jax.jvp(t, (K,), (dK,)))(K, dK)
         grad = jax.jit(jax.grad(lambda K, t=table: jnp.sum(w * t(K))))(K)
@@ -369,22 +370,22 @@ def test_four_input_tables_by_the_addition_theorem(name):
 
 
 def test_addition_theorem_only_where_it_is_exact():
-    """_shift_ok: tanh's rule (exact for arguments up to 300) only when every layer's variance is at
+    """kernels._shift_ok: tanh's rule (exact for arguments up to 300) only when every layer's variance is at
     most _SHIFT_KMAX, checked on concrete values; sin's always; other σ never; traced values (inside
     jit) keep direct evaluation."""
-    from eft_prob.theory import ntk_stats as ns
+    kernels = importlib.import_module("eft_prob.theory.kernels")  # eft_prob.theory.kernels is also a function
 
     X = np.random.default_rng(0).normal(size=(5, 3))
     tanh = ep.MLPSpec.at_criticality(3, (64, 64), 1, "tanh")
-    assert ns._shift_ok(tanh, X)
-    assert not ns._shift_ok(tanh, 100.0 * X)  # K^(1) ~ 1e4: raw-pixel-like inputs
-    assert not ns._shift_ok(tanh.replace(C_b=300.0), X)  # deeper layers' K up to C_b + C_W
-    assert not ns._shift_ok(ep.MLPSpec(3, (64, 64), 1, "gelu", C_b=0.17, C_W=1.98), X)
+    assert kernels._shift_ok(tanh, X)
+    assert not kernels._shift_ok(tanh, 100.0 * X)  # K^(1) ~ 1e4: raw-pixel-like inputs
+    assert not kernels._shift_ok(tanh.replace(C_b=300.0), X)  # deeper layers' K up to C_b + C_W
+    assert not kernels._shift_ok(ep.MLPSpec(3, (64, 64), 1, "gelu", C_b=0.17, C_W=1.98), X)
     sin = ep.MLPSpec.at_criticality(3, (64, 64), 1, "sin")
-    assert ns._shift_ok(sin, 100.0 * X)
+    assert kernels._shift_ok(sin, 100.0 * X)
     seen = []
-    jax.jit(lambda X: seen.append(ns._shift_ok(tanh, X)) or X)(X)
-    jax.jit(lambda c: seen.append(ns._shift_ok(tanh.replace(C_W=c), X)) or c)(1.0)
+    jax.jit(lambda X: seen.append(kernels._shift_ok(tanh, X)) or X)(X)
+    jax.jit(lambda c: seen.append(kernels._shift_ok(tanh.replace(C_W=c), X)) or c)(1.0)
     assert seen == [False, False]
 
 
