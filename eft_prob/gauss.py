@@ -301,9 +301,10 @@ def inner_sums(fns: Callable, c, l22, x, w, parity=None, unroll: int = 1, rule: 
 # outer node and b_j = l·x_j one of n shifts.  Where σ has an addition theorem (tanh, sin), the
 # transcendental functions are evaluated once per outer node and once per shift, and each of the
 # n·(outer nodes) grid points costs a few multiplications (and one division for tanh) instead of a
-# tanh or sin: the four-input tables of the trained O(1/n) moments 1.9x faster at depth 10
-# (benchmarks/README.md, ``bench_trained.py --shift``).  The values agree with direct evaluation
-# to rounding (tests/test_gauss.py).
+# tanh or sin.  Measured (2 CPU cores, depth 10): the trained O(1/n) marginals, whose three- and
+# four-input tables use it, 2.0x faster for tanh and 4.1x for sin; the pair integrals of the kernel
+# and vertex recursions (N = 1000) 1.2x (benchmarks/README.md, ``--shift`` of bench_trained.py and
+# bench_vertex.py).  The values agree with direct evaluation to rounding (tests/test_gauss.py).
 
 
 class ShiftRule(NamedTuple):
