@@ -149,12 +149,16 @@ def test_addition_theorems_equal_direct_evaluation(name, reach):
 
 
 @pytest.mark.parametrize("name", ["tanh", "sin"])
-def test_pair_integrals_by_the_addition_theorem(name):
+def test_pair_integrals_by_the_addition_theorem(monkeypatch, name):
     """sigma_moments and the smooth pair tables with the inner axis from σ's addition theorem equal
-    direct evaluation to rounding, values and gradients, repeated inputs included."""
+    direct evaluation to rounding, values and gradients, repeated inputs included (the rule applies
+    above _SHIFT_MIN_PAIRS pairs: the threshold is lowered to 0 here)."""
     from eft_prob.theory import vertex
 
     act = get_activation(name)
+    assert gauss.pair_rule(act, 64, True) is not None and gauss.pair_rule(act, 63, True) is None
+    assert gauss.pair_rule(act, 64, False) is None
+    monkeypatch.setattr(gauss, "_SHIFT_MIN_PAIRS", 0)
     X = np.random.default_rng(3).normal(size=(5, 2))
     X[4] = X[1]
     K = jnp.asarray(0.1 + X @ X.T / 2)

@@ -151,7 +151,7 @@ def _smooth_pair_integrals(act, K, n=_SMOOTH_PAIR_NODES, shift: bool = False):
     s0, s1, s2, s3, s4 = _derivatives(act)
     parity = (-1, 1, -1, 1, -1, 1, -1, 1) if gauss.is_odd(act) else None  # of the functions below
     unroll = gauss.inner_unroll(K.shape[0])
-    rule = gauss.shift_rule(act) if shift else None
+    rule = gauss.pair_rule(act, K.shape[0], shift)
 
     def from_values(d):
         q = d[0] ** 2

@@ -369,6 +369,34 @@ def test_tables_by_the_addition_theorem(name, m):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-13 * np.abs(b).max())
 
 
+def test_three_input_tables_use_the_addition_theorem_in_large_groups_only():
+    """_moment_tables with shift: the four-input group always, three-input groups of at least
+    _SHIFT3_MIN_SUBSETS subsets (their unrolled loop compiles slowly), checked through the rule each
+    group receives."""
+    from eft_prob.theory import ntk_stats as ns
+
+    seen = []
+    orig = ns._group_tables
+
+    def spy(fns, K, subsets, kinked, n, odd, rule=None):
+        seen.append((subsets.shape[1], len(subsets), rule is not None))
+        return orig(fns, K, subsets, kinked, n, odd, rule)
+
+    act = get_activation("tanh")
+    K = jnp.asarray(
+        ep.theory.nngp(
+            ep.MLPSpec.at_criticality(3, (8,), 1, "tanh"),
+            np.eye(3)[[0, 1, 2, 0, 1, 2, 0, 1, 2]] * 0.3 + np.arange(9)[:, None] * 0.01,
+        )
+    )
+    try:
+        ns._group_tables = spy
+        jax.eval_shape(lambda K: ns._moment_tables(act, K, 3, False, dict(_NODES[False]), None, None, True), K)
+    finally:
+        ns._group_tables = orig
+    assert (4, 126, True) in seen and (3, 84, False) in seen and (2, 36, False) in seen
+
+
 def test_addition_theorem_only_where_it_is_exact():
     """kernels._shift_ok: tanh's rule (exact for arguments up to 300) only when every layer's variance is at
     most _SHIFT_KMAX, checked on concrete values; sin's always; other σ never; traced values (inside
