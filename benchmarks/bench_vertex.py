@@ -244,6 +244,12 @@ def remat_table(activations) -> None:
     print(f"\nload average at the end {os.getloadavg()}")
 
 
+def _forward_times(run, N: int):
+    """(value, cold, warm) of a forward ``run``: warm = best of 2 (N > 200) or 5 further calls."""
+    v, cold = timed(run)
+    return v, cold, min(timed(run)[1] for _ in range(2 if N > 200 else 5))
+
+
 def unroll_case(case: str, unroll: int) -> None:
     """One variant of table 6 in this process: prints a JSON line (times, value, gradient, peak RSS)."""
     import json
@@ -270,9 +276,7 @@ def unroll_case(case: str, unroll: int) -> None:
         N = int(case)
         X = rng.normal(size=(N, 3))
         spec = ep.MLPSpec.at_criticality(3, (64,) * 9, 1, "tanh")
-        run = lambda: jax.block_until_ready(prior_statistics(spec, X).K1)
-        v, cold = timed(run)
-        warm = min(timed(run)[1] for _ in range(2 if N > 200 else 5))
+        v, cold, warm = _forward_times(lambda: jax.block_until_ready(prior_statistics(spec, X).K1), N)
         out = dict(value=float(jnp.sum(v)))  # forward only: no gradient
     print(json.dumps(dict(cold=cold, warm=warm, peak=peak_gib(), **out)))
 
@@ -322,8 +326,7 @@ def shift_case(case: str, on: bool) -> None:
         run = lambda: jax.block_until_ready(ep.theory.kernels(spec, X).ntk)
     else:
         run = lambda: jax.block_until_ready(prior_statistics(spec, X).K1)
-    v, cold = timed(run)
-    warm = min(timed(run)[1] for _ in range(2 if int(N) > 200 else 5))
+    v, cold, warm = _forward_times(run, int(N))
     print(json.dumps(dict(cold=cold, warm=warm, peak=peak_gib(), value=float(jnp.sum(v)))))
 
 
