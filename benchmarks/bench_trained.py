@@ -77,6 +77,7 @@ import numpy as np
 jax.config.update("jax_enable_x64", True)
 
 import eft_prob as ep  # noqa: E402
+from eft_prob import gauss  # noqa: E402
 from eft_prob.theory import ntk_stats  # noqa: E402
 from eft_prob.theory.training import nlo_trained_coefficients  # noqa: E402
 
@@ -118,7 +119,11 @@ def main() -> None:
     p.add_argument("--nodes", type=int, nargs="+", default=None, metavar="N4")
     p.add_argument("--inner", nargs="?", type=int, const=2, default=None, metavar="REPS")
     p.add_argument("--shift", nargs="?", type=int, const=2, default=None, metavar="REPS")
+    p.add_argument("--closed-sin", action="store_true", help="sin's closed-form tables vs the nested rules")
+    p.add_argument("--activation", default="tanh", choices=["tanh", "sin", "gelu"], help="σ of --marginals")
     args = p.parse_args()
+    if args.closed_sin:
+        return closed_sin(args.n_train, args.batch_size or 8)
     if args.shift is not None:
         return shift(args.n_train, args.depth, args.shift, args.batch_size or 8)
     if args.inner is not None:
@@ -130,7 +135,9 @@ def main() -> None:
     if args.fused is not None:
         return fused(args.n_train, args.depth, args.fused)
     if args.marginals is not None:
-        return marginals(args.marginals, args.n_train, args.depth, args.batch_size, not args.no_baseline)
+        return marginals(
+            args.marginals, args.n_train, args.depth, args.batch_size, not args.no_baseline, args.activation
+        )
     sizes = [(4, 5), (8, 8)] + ([(16, 16)] if args.large else [])
     print(f"# jax {jax.__version__}, backend {jax.default_backend()}, load average {os.getloadavg()}\n")
     print(
@@ -159,13 +166,16 @@ def main() -> None:
     print(f"\nload average at the end {os.getloadavg()}")
 
 
-def marginals(n_test: int, n_trains, depth: int = 3, batch_size=None, baseline: bool = True) -> None:
+def marginals(
+    n_test: int, n_trains, depth: int = 3, batch_size=None, baseline: bool = True, activation: str = "tanh"
+) -> None:
     """Joint (baseline) vs per-test-input marginals on N_A + 24 inputs, then the marginals on N_A + n_test."""
     from eft_prob.theory.training import nlo_trained_marginals
 
     print(
         f"# jax {jax.__version__}, backend {jax.default_backend()} ({jax.devices()[0].device_kind}), "
-        f"depth {depth}, batch_size {batch_size or 'default'}, load average {os.getloadavg()}\n"
+        f"depth {depth}, {activation} at criticality, batch_size {batch_size or 'default'}, "
+        f"load average {os.getloadavg()}\n"
     )
     print(
         "| N_A + N_B | joint (baseline) warm | marginals cold | marginals warm | per test input | ratio "
@@ -173,7 +183,7 @@ def marginals(n_test: int, n_trains, depth: int = 3, batch_size=None, baseline: 
     )
     print("|---|---|---|---|---|---|---|---|")
     warnings.simplefilter("ignore", ep.CostWarning)
-    spec = ep.MLPSpec.at_criticality(3, (64,) * (depth - 1), 1, "tanh")  # input dim 3, L = depth
+    spec = ep.MLPSpec.at_criticality(3, (64,) * (depth - 1), 1, activation)  # input dim 3, L = depth
     for nA in n_trains:
         rng = np.random.default_rng(0)
         X, Xt = rng.normal(size=(nA, 3)), rng.normal(size=(max(24, n_test), 3))
@@ -294,6 +304,67 @@ def compare_paths(
         )
     print(f"\nall warm times: baseline {warm['baseline']}, current {warm['current']}")
     print(f"load average at the end {os.getloadavg()}")
+
+
+def closed_sin(n_trains, batch: int) -> None:
+    """sin's tables in closed form (gauss.sin_tables, the landed path) against the nested rules
+    (gauss.CLOSED_SIN off, the baseline) on the same inputs: trained marginals on N_A + 24 inputs
+    at depth 3 and 10, and the NTK statistics on 5 inputs at depth 3."""
+    from eft_prob.theory.training import nlo_trained_marginals
+
+    print(f"# jax {jax.__version__}, backend {jax.default_backend()}, sin at criticality, width 64, batch {batch}\n")
+    print("| what | nested rules cold / warm | closed form cold / warm | ratio (warm) | max rel. diff. |")
+    print("|---|---|---|---|---|")
+    warnings.simplefilter("ignore", ep.CostWarning)
+    rng = np.random.default_rng(0)
+
+    def timed(fn, *args):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args, True))
+        cold = time.perf_counter() - t
+        t = time.perf_counter()
+        out = jax.block_until_ready(fn(*args, False))
+        return out, cold, time.perf_counter() - t
+
+    def run(fn, *args):
+        res = {}
+        for closed in (False, True):
+            gauss.CLOSED_SIN = closed
+            jax.clear_caches()  # the flag is read when tracing
+            try:
+                res[closed] = timed(fn, *args)
+            finally:
+                gauss.CLOSED_SIN = True
+        return res
+
+    def row(what, res, fields):
+        (b, bc, bw), (c, cc, cw) = res[False], res[True]
+        diff = max(rel(getattr(c, f), getattr(b, f)) for f in fields)
+        print(f"| {what} | {bc:.1f} / {bw:.3g} s | {cc:.1f} / {cw:.3g} s | {bw / cw:.1f}x | {diff:.1e} |", flush=True)
+
+    X5 = rng.normal(size=(5, 3))
+    spec = ep.MLPSpec.at_criticality(3, (64, 64), 1, "sin")
+    stats = lambda X, first: ep.theory.ntk_statistics(spec, X + (1e-3 if first else 0.0))
+    row("ntk_statistics, 5 inputs, depth 3", run(stats, X5), ("A", "B", "D", "F", "P", "Q", "R", "S", "T", "U"))
+    spec = ep.MLPSpec.at_criticality(3, (64,) * 9, 1, "sin")
+    X1000 = rng.normal(size=(1000, 3))
+    prior = lambda X, first: ep.theory.prior_statistics(spec, X + (1e-3 if first else 0.0), factored=True)
+    res = run(prior, X1000)
+    for closed in (False, True):  # the pair integrals enter K^{1} and the factored V's exact parts
+        p, c, w = res[closed]
+        res[closed] = (dict(K1=p.K1, P=p.V.P, A=p.V.A, M=p.V.M), c, w)
+    res = {k: (type("R", (), v[0])(), *v[1:]) for k, v in res.items()}
+    row("prior_statistics (factored), N = 1000, depth 10", res, ("K1", "P", "A", "M"))
+    for nA in n_trains:
+        X, Xt = rng.normal(size=(nA, 3)), rng.normal(size=(24, 3))
+        y = np.sin(X[:, :1])
+        for depth in (3, 10):
+            spec = ep.MLPSpec.at_criticality(3, (64,) * (depth - 1), 1, "sin")
+            fn = lambda X, first, spec=spec, y=y, Xt=Xt: nlo_trained_marginals(
+                spec, X, y, Xt + (1e-3 if first else 0.0), batch_size=batch
+            )
+            row(f"trained marginals {nA} + 24, depth {depth}", run(fn, X), ("mean1", "cov1"))
+    print(f"\nload average at the end {os.getloadavg()}")
 
 
 def nodes(n4s, n_trains, depth: int) -> None:

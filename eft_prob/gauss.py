@@ -22,6 +22,7 @@ evaluated in chunks so an N×N kernel never materializes N²×(nodes) arrays at 
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -668,3 +669,82 @@ def expect_nd(
 
 
 __all__ += ["ND_ORDERS", "expect_nd"]
+
+
+# --------------------------------------------------------------------------------------------
+# sin: every Gaussian moment of products of its derivatives in closed form.
+
+#: use :func:`sin_tables` for the registry's sin wherever the theory needs Gaussian moments of its
+#: derivatives (off: the quadrature rules, for comparison)
+CLOSED_SIN = True
+
+
+def closed_sin(fns) -> bool:
+    """Whether ``fns`` = (σ, σ', ...) are sin and its derivatives (σ = jnp.sin, σ' = jnp.cos: the
+    registry's sin, the higher derivatives by autodiff of cos), whose Gaussian moments have a closed
+    form (:func:`sin_tables`), and :data:`CLOSED_SIN` is on."""
+    return CLOSED_SIN and fns[0] is jnp.sin and (len(fns) == 1 or fns[1] is jnp.cos)
+
+
+@functools.cache
+def _sin_coefficients(basis) -> np.ndarray:
+    """C (F, 2r + 1), complex: Π_{p in basis[f]} sin(z + pπ/2) = Σ_{|ω| <= r} C[f, r + ω] e^{iωz},
+    r the largest product's size (sin(z + pπ/2) = Σ_{ε = ±1} ε e^{iε(z + pπ/2)} / 2i per factor)."""
+    r = max(len(t) for t in basis)
+    C = np.zeros((len(basis), 2 * r + 1), complex)
+    for f, t in enumerate(basis):
+        for eps in itertools.product((1, -1), repeat=len(t)):
+            C[f, r + sum(eps)] += np.prod([e / 2j * np.exp(0.5j * np.pi * e * p) for e, p in zip(eps, t)])
+    return C
+
+
+def sin_tables(K_sub, basis):
+    """Gaussian moments of products of sin's derivatives in closed form: (S, F^m) from kernels (S, m, m).
+
+    Entry [s, f_0·F^(m-1) + ... + f_(m-1)] = ⟨Π_k Π_{p in basis[f_k]} sin^(p)(z_k)⟩ for z ~ N(0, K_sub[s]),
+    the layout of the nested tables of eft_prob.theory.ntk_stats (``basis``: tuples of derivative orders).
+
+    Each product of derivatives of sin on one variable is a trigonometric polynomial Σ_ω C[f, ω] e^{iωz}
+    (:func:`_sin_coefficients`), and ⟨Π_k e^{iω_k z_k}⟩ = exp(−ωᵀKω/2) for z ~ N(0, K), so a subset's
+    table is the (2r + 1)^m exponentials of its integer frequency vectors contracted with C on every
+    axis.  Exact (rounding only: the terms are at most 1 in size), for any K, singular ones included;
+    differentiable in K.  The imaginary parts cancel between ω and −ω (C[f, −ω] = conj C[f, ω]).
+    """
+    S, m = K_sub.shape[0], K_sub.shape[-1]
+    C = _sin_coefficients(basis)
+    r = (C.shape[1] - 1) // 2
+    omega = np.stack(np.meshgrid(*[np.arange(-r, r + 1.0)] * m, indexing="ij"), -1).reshape(-1, m)
+    quad = jnp.einsum("gk,skl,gl->sg", omega, K_sub, omega)
+    acc = jnp.exp(-0.5 * quad).reshape((S,) + (2 * r + 1,) * m).astype(jnp.result_type(K_sub.dtype, 1j))
+    Cj = jnp.asarray(C, acc.dtype)
+    for _ in range(m):  # frequency axis k -> function axis k, k = 0..m-1 (the function axes collect at the end)
+        acc = jnp.tensordot(acc, Cj, axes=([1], [1]))
+    return jnp.real(acc).reshape(S, -1)
+
+
+def sin_pair_moments(K, products):
+    """⟨f_a g_b⟩ for every ordered pair (a, b) of an (N, N) kernel, the diagonal included (a = b: one
+    variable), in closed form: (len(products), N, N).  ``products`` = ((t_f, t_g), ...), each t a tuple
+    of derivative orders of sin whose product is f (or g; () is the constant 1).  The frequency pairs
+    ±(ω_a, ω_b) give the same exponential, so each is evaluated once on the (N, N) kernel and added
+    with its real coefficients: no (N, N, grid) array is formed."""
+    basis = tuple(sorted({t for pr in products for t in pr}))
+    C = _sin_coefficients(basis)
+    r = (C.shape[1] - 1) // 2
+    where = {t: i for i, t in enumerate(basis)}
+    Cf, Cg = C[[where[f] for f, _ in products]], C[[where[g] for _, g in products]]
+    W = np.real(Cf[:, :, None] * Cg[:, None, :])  # (P, 2r+1, 2r+1): the imaginary parts cancel under ω -> -ω
+    W = W + W[:, ::-1, ::-1]
+    d = jnp.diagonal(K)
+    out = jnp.zeros((len(products),) + K.shape, K.dtype)
+    for i in range(2 * r + 1):
+        for j in range(2 * r + 1):
+            if (i, j) > (2 * r - i, 2 * r - j):  # the mirror (−ω_a, −ω_b) was taken with it
+                continue
+            w = W[:, i, j] / (2.0 if (i, j) == (r, r) else 1.0)
+            if not np.any(w):
+                continue
+            wa, wb = i - r, j - r
+            e = jnp.exp(-0.5 * (wa * wa * d[:, None] + wb * wb * d[None, :] + 2.0 * wa * wb * K))
+            out = out + jnp.asarray(w, K.dtype)[:, None, None] * e
+    return out

@@ -362,10 +362,13 @@ def _moment_tables(act, K, P, kinked, nodes, restrict, shared=None, shift=False)
 
 def _group_tables(fns, K, subsets, kinked: bool, n: int, odd: bool, rule=None):
     """Flat tables of one layout group: products of ``fns`` (σ, ..., σ^(q)) on each subset's inputs;
-    ``rule``: the addition theorem of σ for the innermost variable (three- and four-input rules)."""
+    ``rule``: the addition theorem of σ for the innermost variable (three- and four-input rules).
+    The registry's sin: in closed form (:func:`eft_prob.gauss.sin_tables`)."""
     m = subsets.shape[1]
     basis = _basis(len(fns) - 1, 5 - m)
     K_sub = K[subsets[:, :, None], subsets[:, None, :]]
+    if gauss.closed_sin(fns):
+        return gauss.sin_tables(K_sub, basis).reshape(-1)
     evals = [_basis_eval(fns, basis)] * m
     parity = [(-1) ** sum(p + 1 for p in t) for t in basis] if odd else None
     shift = None if rule is None else (rule, len(fns) - 1, _basis_products(basis))
@@ -405,7 +408,10 @@ def _pair_moments(act, K, P, kinked, n):
     K_sub = K[pairs[:, :, None], pairs[:, None, :]]
     ev = lambda z: tuple(g(z) for g in fns)
     parity = [(-1) ** (p + 1) for p in range(P + 1)] if _odd_smooth(act, kinked) else None
-    table = _chunked_tables(K_sub, [ev, ev], kinked, n, (P + 1) * n * n, parity)
+    if gauss.closed_sin(fns):
+        table = gauss.sin_tables(K_sub, tuple((p,) for p in range(P + 1)))
+    else:
+        table = _chunked_tables(K_sub, [ev, ev], kinked, n, (P + 1) * n * n, parity)
     return table.reshape(N, N, P + 1, P + 1).transpose(2, 3, 0, 1)
 
 

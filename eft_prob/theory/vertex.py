@@ -131,6 +131,16 @@ def _rowwise(fn, K, nodes):
 
 
 _SMOOTH_PAIR_NODES = 48  # nodes per axis of the adapted sinh rule for the pair integrals below
+#: the 11 pair moments of :func:`_smooth_pair_integrals` as products of derivative orders on (a, b)
+_SIN_PAIR_PRODUCTS = (
+    ((2,), (0,)),
+    ((4,), (0,)),
+    ((3,), (1,)),
+    ((2,), (2,)),
+    *(((0,) * j, (0,) * (4 - j)) for j in range(5)),
+    ((0,), (0,)),
+    ((1,), (1,)),
+)
 
 
 def _smooth_pair_integrals(act, K, n=_SMOOTH_PAIR_NODES, shift: bool = False):
@@ -145,9 +155,12 @@ def _smooth_pair_integrals(act, K, n=_SMOOTH_PAIR_NODES, shift: bool = False):
     Each unordered pair is integrated once (both orientations come from the same grid), σ and its
     derivatives are evaluated once per grid point, the inner axis is summed as a loop, and for odd σ
     only half of the (point-symmetric) grid is evaluated (:func:`eft_prob.gauss.inner_sums`).
+    The registry's sin: all 11 in closed form (:func:`eft_prob.gauss.sin_pair_moments`).
     ``shift``: the inner axis by σ's addition theorem (:func:`eft_prob.gauss.shift_rule`; see
     eft_prob.theory.kernels._shift_ok).
     """
+    if gauss.closed_sin((act.fn, act.grad)):
+        return gauss.sin_pair_moments(K, _SIN_PAIR_PRODUCTS)
     s0, s1, s2, s3, s4 = _derivatives(act)
     parity = (-1, 1, -1, 1, -1, 1, -1, 1) if gauss.is_odd(act) else None  # of the functions below
     unroll = gauss.inner_unroll(K.shape[0])
@@ -408,6 +421,16 @@ def _four_point_packed(act, K, groups, low_orders, nd_orders):
     nd = dict(nd_orders)
     s = act.fn
     packed = jnp.zeros(math.comb(N + 3, 4), K.dtype)
+    if gauss.closed_sin((act.fn, act.grad)):  # the registry's sin: every moment in closed form
+        one, two, three = (0,), (0, 0), (0, 0, 0)
+        packed = packed.at[r1].set(gauss.sin_tables(jnp.diagonal(K)[:, None, None], ((0, 0, 0, 0),))[:, 0])
+        if N >= 2:  # basis (σ, σ², σ³) per input: σ³_a σ_b, σ²_a σ²_b, σ_a σ³_b
+            packed = packed.at[r2].set(gauss.sin_tables(_sub_kernels(K, i2), (one, two, three))[:, [6, 4, 2]].T)
+        if N >= 3:  # basis (σ, σ²): σ²_a σ_b σ_c, σ_a σ²_b σ_c, σ_a σ_b σ²_c
+            packed = packed.at[r3].set(gauss.sin_tables(_sub_kernels(K, i3), (one, two))[:, [4, 2, 1]].T)
+        if N >= 4:
+            packed = packed.at[r4].set(gauss.sin_tables(_sub_kernels(K, i4), (one,))[:, 0])
+        return packed
     even = gauss.is_odd(act)  # every integrand below is a product of four σ's: even for odd σ
     d = jnp.diagonal(K)
     packed = packed.at[r1].set(gauss.expect_1d(lambda z: s(z) ** 4, d, kinked=act.kinked))

@@ -490,3 +490,110 @@ def test_float64_and_jit():
     assert all(getattr(st, k).dtype == jnp.float64 for k in NAMES)
     f = jax.jit(lambda cw: ntk_statistics(spec.replace(C_W=cw), X2).B)
     np.testing.assert_allclose(_np(f(1.5)), _np(st.B), rtol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# sin: every Gaussian table in closed form.
+
+
+def test_sin_tables_in_closed_form():
+    """gauss.sin_tables: ⟨Π_k Π_{p in t_k} sin^(p)(z_k)⟩ = Σ_ω C exp(−ωᵀKω/2), exact.  Checked
+    against hand formulas (⟨cos z⟩ = e^{−K/2}, ⟨sin_a sin_b⟩ = e^{−(K_aa+K_bb)/2} sinh K_ab, ⟨cos² z⟩ =
+    (1 + e^{−2K})/2), and against the nested rules at many nodes for m = 2, 3, 4 on kernels of
+    variance <= 1.5 (where those converge to 1e-10), a singular one included; values and gradients."""
+    ns = importlib.import_module("eft_prob.theory.ntk_stats")
+    act = get_activation("sin")
+    fns = ns._derivative_fns(act, 3)
+    assert gauss.closed_sin(fns) and not gauss.closed_sin(ns._derivative_fns(get_activation("tanh"), 3))
+    assert not gauss.closed_sin(ns._derivative_fns(Activation("s", jnp.sin, grad=lambda z: jnp.cos(z)), 3))
+    k = jnp.asarray([[[0.7]], [[2.5]]])
+    basis1 = ns._basis(3, 4)
+    one = np.asarray(gauss.sin_tables(k, basis1))
+    kk = np.array([0.7, 2.5])
+    np.testing.assert_allclose(one[:, basis1.index((1,))], np.exp(-kk / 2), rtol=1e-14)
+    np.testing.assert_allclose(one[:, basis1.index((1, 1))], (1 + np.exp(-2 * kk)) / 2, rtol=1e-14)
+    np.testing.assert_allclose(one[:, basis1.index((0,))], 0.0, atol=1e-16)
+    np.testing.assert_allclose(one[:, basis1.index((2, 3))], 0.0, atol=1e-16)  # −sin·(−cos): odd
+    K2 = np.array([[0.9, 0.4], [0.4, 1.3]])
+    two = np.asarray(gauss.sin_tables(jnp.asarray(K2[None]), ns._basis(3, 3)))[0].reshape(34, 34)
+    np.testing.assert_allclose(two[0, 0], np.exp(-(0.9 + 1.3) / 2) * np.sinh(0.4), rtol=1e-14)
+    rng = np.random.default_rng(3)
+    for m, n in ((2, 64), (3, 48), (4, 40)):
+        basis = ns._basis(3, 5 - m)
+        A = rng.normal(size=(4, m, m + 2)) * 0.4  # full rank (but the last)
+        K = A @ A.transpose(0, 2, 1)
+        K[-1] = K[-1][[0] * m][:, [0] * m]  # every input the same: rank one
+        K = jnp.asarray(K)
+        evals = [ns._basis_eval(fns, basis)] * m
+        closed, quad = gauss.sin_tables(K, basis), ns._nested_table(K, evals, False, n)
+        np.testing.assert_allclose(closed, quad, rtol=0, atol=1e-10 * float(jnp.max(jnp.abs(quad))))
+        w = jnp.asarray(rng.normal(size=closed.shape[1]))
+        g_closed = jax.grad(lambda K, b=basis, w=w: jnp.sum(gauss.sin_tables(K, b) @ w))(K[:-1])
+        g_quad = jax.grad(lambda K, e=evals, n=n, w=w: jnp.sum(ns._nested_table(K, e, False, n) @ w))(K[:-1])
+        # the nested rules read K's lower triangle (Cholesky), the closed form both: compare K_ab + K_ba
+        eye = jnp.eye(m)
+        g_closed, g_quad = (g + jnp.swapaxes(g, -1, -2) - g * eye for g in (g_closed, g_quad))
+        np.testing.assert_allclose(g_closed, g_quad, rtol=0, atol=1e-9 * float(jnp.max(jnp.abs(g_quad))))
+
+
+def test_sin_statistics_in_closed_form_equal_the_nested_rules():
+    """ntk_statistics for sin with the closed-form tables (and pair moments) against the same recursion
+    on the nested rules (gauss.CLOSED_SIN off): equal to the rules' own error (inputs scaled so
+    every variance is <= 1, where the rules are accurate to ~1e-7)."""
+    ns = importlib.import_module("eft_prob.theory.ntk_stats")
+    spec = ep.MLPSpec.at_criticality(3, (64, 64), 1, "sin")
+    X = 0.5 * np.concatenate([X3, X2])
+    kw = dict(derivatives=True, all_layers=False, nodes=ns._nodes_key(False), shift=True)
+    ratios = ns._width_ratios(spec, jnp.float64)
+    statics = ("derivatives", "all_layers", "nodes", "restrict", "shift")
+    closed = jax.jit(ns._stack, static_argnames=statics)(ns._canonical(spec), jnp.asarray(X), ratios, **kw)
+    gauss.CLOSED_SIN = False
+    try:  # a fresh jit: the flag is read when tracing
+        quad = jax.jit(ns._stack, static_argnames=statics)(ns._canonical(spec), jnp.asarray(X), ratios, **kw)
+    finally:
+        gauss.CLOSED_SIN = True
+    for name in NAMES:
+        a, b = _np(closed[name]), _np(quad[name])
+        assert np.all(np.isfinite(a)) and np.max(np.abs(a)) > 0, name
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * np.max(np.abs(a)), err_msg=name)
+    np.testing.assert_array_equal(_np(closed["K1"]), _np(ntk_statistics(spec, X).K1))
+
+
+def test_sin_vertex_in_closed_form_equals_the_rules():
+    """The vertex recursions for sin with closed-form moments (gauss.sin_pair_moments for the 11 pair
+    integrals, gauss.sin_tables for the dense four-point function) against the quadrature rules:
+    the pair moments against hand formulas and the 2-D rule at 96 nodes, the dense V and K^{1} of
+    four_point_vertex / nlo_kernel and the factored prior statistics' exact parts to the rules' error."""
+    vertex = importlib.import_module("eft_prob.theory.vertex")
+    act = get_activation("sin")
+    K = jnp.asarray(0.6 * X3 @ X3.T + 0.1)
+    closed = vertex._smooth_pair_integrals(act, K)
+    gauss.CLOSED_SIN = False
+    try:
+        quad = vertex._smooth_pair_integrals(act, K, n=96)
+    finally:
+        gauss.CLOSED_SIN = True
+    np.testing.assert_allclose(closed, quad, rtol=0, atol=1e-11 * float(jnp.max(jnp.abs(quad))))
+    d = np.diagonal(np.asarray(K))
+    e = np.exp(-(d[:, None] + d[None, :]) / 2)
+    np.testing.assert_allclose(closed[9], e * np.sinh(K), rtol=1e-13)  # ⟨σσ⟩, ⟨σ'σ'⟩: THEORY's closed forms
+    np.testing.assert_allclose(closed[10], e * np.cosh(K), rtol=1e-13)
+    np.testing.assert_allclose(closed[8][np.diag_indices(3)], (3 - 4 * np.exp(-2 * d) + np.exp(-8 * d)) / 8, rtol=1e-13)
+    spec = ep.MLPSpec.at_criticality(3, (64, 64), 1, "sin")
+    X = 0.7 * np.concatenate([X3, X2])
+    V_c, K1_c = four_point_vertex(spec, X), nlo_kernel(spec, X)
+    ps_c = ep.theory.prior_statistics(spec, X, factored=True)
+    gauss.CLOSED_SIN = False
+    try:
+        jax.clear_caches()  # the flag is read when tracing
+        V_q, K1_q = four_point_vertex(spec, X), nlo_kernel(spec, X)
+        ps_q = ep.theory.prior_statistics(spec, X, factored=True)
+    finally:
+        gauss.CLOSED_SIN = True
+        jax.clear_caches()
+    np.testing.assert_allclose(V_c, V_q, rtol=0, atol=1e-7 * float(np.max(np.abs(V_c))))
+    np.testing.assert_allclose(K1_c, K1_q, rtol=0, atol=1e-9 * float(np.max(np.abs(K1_c))))
+    np.testing.assert_allclose(ps_c.K1, ps_q.K1, rtol=0, atol=1e-9 * float(np.max(np.abs(ps_c.K1))))
+    for name in ("M", "P", "A", "B"):
+        a, b = _np(getattr(ps_c.V, name)), _np(getattr(ps_q.V, name))
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-9 * np.max(np.abs(a)), err_msg=name)
