@@ -53,28 +53,15 @@ def _assert_coefficients(widths, theory, mc, names, teeth):
 
 
 @pytest.mark.slow
-def test_tanh_every_statistic_including_dntk_and_ddntks():
-    """tanh, depth 3, two inputs, three output neurons: V, A, B, D, F, P, Q, R, S, T (corrected), U."""
+@pytest.mark.parametrize("act, widths, seed", [("tanh", (12, 24, 48), 100), ("sin", (24, 48, 96), 110)])
+def test_every_statistic_including_dntk_and_ddntks(act, widths, seed):
+    """Depth 3, two inputs, three output neurons: V, A, B, D, F, P, Q, R, S, T (corrected), U.  sin has
+    every Gaussian moment in closed form (gauss.sin_tables) and twice tanh's widths: at 12, 24, 48 its
+    O(1/n²) terms are larger (n·(MC − order 0) of S_0000: 3.31, 3.22, 3.18 at 24, 48, 96 against
+    3.175), and the c + b/n fit was off by up to 4.6 standard errors there."""
     kw = dict(C_b=0.1, C_W=1.5, lambda_b=0.3, lambda_W=1.0)
-    widths = (12, 24, 48)
     theory, mc = _sweep(
-        lambda n: ep.MLPSpec(3, (n, n), 3, "tanh", **kw), X2, widths, (2000, 1500, 800), 100, derivatives=True
-    )
-    _assert_coefficients(widths, theory, mc, ("V", "A", "D"), teeth=0.1)
-    _assert_coefficients(widths, theory, mc, ("B", "F", "R", "S", "T", "U"), teeth=0.04)
-    _assert_coefficients(widths, theory, mc, ("P", "Q"), teeth=0.08)
-
-
-@pytest.mark.slow
-def test_sin_every_statistic_in_closed_form():
-    """sin, depth 3, two inputs: every statistic, with every Gaussian moment in closed form
-    (gauss.sin_tables), against real networks with the same thresholds as tanh.  Twice tanh's widths:
-    at 12, 24, 48 sin's O(1/n²) terms are larger (n·(MC − order 0) of S_0000: 3.31, 3.22, 3.18 at
-    24, 48, 96 against 3.175), and the c + b/n fit was off by up to 4.6 standard errors there."""
-    kw = dict(C_b=0.1, C_W=1.5, lambda_b=0.3, lambda_W=1.0)
-    widths = (24, 48, 96)
-    theory, mc = _sweep(
-        lambda n: ep.MLPSpec(3, (n, n), 3, "sin", **kw), X2, widths, (2000, 1500, 800), 110, derivatives=True
+        lambda n: ep.MLPSpec(3, (n, n), 3, act, **kw), X2, widths, (2000, 1500, 800), seed, derivatives=True
     )
     _assert_coefficients(widths, theory, mc, ("V", "A", "D"), teeth=0.1)
     _assert_coefficients(widths, theory, mc, ("B", "F", "R", "S", "T", "U"), teeth=0.04)
