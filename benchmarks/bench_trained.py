@@ -48,7 +48,13 @@ warm-time ratio to the default and the largest difference of mean1 / cov1 from t
 ``--shift [REPS]``: the marginals on N_A + 24 inputs (``--depth``, batch ``--batch-size``, default 8,
 the CPU default), tanh and sin at criticality: the three- and four-input tables' innermost variable
 from σ's addition theorem (``gauss.shift_rule``, where ``kernels._shift_ok`` allows it; current)
-against direct evaluation of σ at every node (baseline), timed as ``--fused``.
+against direct evaluation of σ at every node (baseline), timed as ``--fused`` (sin with
+``gauss.CLOSED_SIN`` off, so on the nested rules).
+
+``--closed-sin``: sin's Gaussian moments in closed form (``gauss.sin_tables``, ``gauss.sin_pair_moments``;
+current) against the nested rules (``gauss.CLOSED_SIN`` off; baseline): ntk_statistics on 5 inputs,
+prior_statistics at N = 1000 and the marginals on N_A + 24 inputs at depth 3 and 10, cold and warm.
+``--marginals ... --activation sin`` runs the many-test-input marginals for sin.
 
 ``--devices [N_TEST]``: the marginals on N_A + N_TEST inputs (default 8 + 48, batch 24, ``--depth``)
 one batch at a time on the first local device (baseline) against one batch per local device at once
@@ -249,8 +255,12 @@ def shift(n_trains, depth: int, reps: int, batch: int) -> None:
     kernels = importlib.import_module("eft_prob.theory.kernels")  # eft_prob.theory.kernels is also a function
 
     modes = {"baseline": {"_shift_ok": _Never()}, "current": {"_shift_ok": kernels._shift_ok}}
-    for act in ("tanh", "sin"):
-        compare_paths(modes, n_trains, depth, reps, batch, act, module=kernels)
+    gauss.CLOSED_SIN = False  # sin on the nested rules too (its closed form: --closed-sin)
+    try:
+        for act in ("tanh", "sin"):
+            compare_paths(modes, n_trains, depth, reps, batch, act, module=kernels)
+    finally:
+        gauss.CLOSED_SIN = True
 
 
 def compare_paths(
