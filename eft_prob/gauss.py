@@ -707,8 +707,10 @@ def sin_tables(K_sub, basis):
     Each product of derivatives of sin on one variable is a trigonometric polynomial Σ_ω C[f, ω] e^{iωz}
     (:func:`_sin_coefficients`), and ⟨Π_k e^{iω_k z_k}⟩ = exp(−ωᵀKω/2) for z ~ N(0, K), so a subset's
     table is the (2r + 1)^m exponentials of its integer frequency vectors contracted with C on every
-    axis.  Exact (rounding only: the terms are at most 1 in size), for any K, singular ones included;
-    differentiable in K.  The imaginary parts cancel between ω and −ω (C[f, −ω] = conj C[f, ω]).
+    axis.  Exact up to rounding, for any K, singular ones included; differentiable in K.  The terms are
+    at most 1 in size, so the error is absolute (~1e-16): relative ~1e-16/|moment| for moments that
+    vanish with K (⟨σσσσ⟩ ≈ 1.3e-8 at variances ~1e-3 agreed with a 40-node rule to 4e-10).  The
+    imaginary parts cancel between ω and −ω (C[f, −ω] = conj C[f, ω]).
     """
     S, m = K_sub.shape[0], K_sub.shape[-1]
     C = _sin_coefficients(basis)
