@@ -71,6 +71,7 @@ import os
 import resource
 import sys
 import time
+import types
 import warnings
 
 if "--cpu-devices" in sys.argv:  # simulated CPU devices must be requested before JAX starts
@@ -362,8 +363,7 @@ def closed_sin(n_trains, batch: int) -> None:
     res = run(prior, X1000)
     for closed in (False, True):  # the pair integrals enter K^{1} and the factored V's exact parts
         p, c, w = res[closed]
-        res[closed] = (dict(K1=p.K1, P=p.V.P, A=p.V.A, M=p.V.M), c, w)
-    res = {k: (type("R", (), v[0])(), *v[1:]) for k, v in res.items()}
+        res[closed] = (types.SimpleNamespace(K1=p.K1, P=p.V.P, A=p.V.A, M=p.V.M), c, w)
     row("prior_statistics (factored), N = 1000, depth 10", res, ("K1", "P", "A", "M"))
     for nA in n_trains:
         X, Xt = rng.normal(size=(nA, 3)), rng.normal(size=(24, 3))
