@@ -383,9 +383,14 @@ def shift_rule(act: Activation) -> ShiftRule | None:
 
     if act.fn is jnp.tanh and act.grad is _tanh_grad:
         return ShiftRule(_tanh_split, _tanh_values, 300.0)
-    if act.fn is jnp.sin and act.grad is jnp.cos:
+    if _is_sin(act.fn, act.grad):
         return ShiftRule(lambda z: (jnp.sin(z), jnp.cos(z)), _sin_values, None)
     return None
+
+
+def _is_sin(fn, grad) -> bool:
+    """σ = jnp.sin with σ' = jnp.cos: the registry's sin (its addition theorem, its closed forms)."""
+    return fn is jnp.sin and grad is jnp.cos
 
 
 @functools.cache
@@ -683,7 +688,7 @@ def closed_sin(fns) -> bool:
     """Whether ``fns`` = (σ, σ', ...) are sin and its derivatives (σ = jnp.sin, σ' = jnp.cos: the
     registry's sin, the higher derivatives by autodiff of cos), whose Gaussian moments have a closed
     form (:func:`sin_tables`), and :data:`CLOSED_SIN` is on."""
-    return CLOSED_SIN and fns[0] is jnp.sin and (len(fns) == 1 or fns[1] is jnp.cos)
+    return CLOSED_SIN and _is_sin(fns[0], fns[1] if len(fns) > 1 else jnp.cos)
 
 
 @functools.cache
