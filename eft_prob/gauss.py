@@ -691,6 +691,17 @@ def closed_sin(fns) -> bool:
     return CLOSED_SIN and _is_sin(fns[0], fns[1] if len(fns) > 1 else jnp.cos)
 
 
+def _check_orders(fn: str, name: str, tuples, empty: bool = False) -> None:
+    """Each entry of ``tuples`` a tuple of derivative orders (integers >= 0; () allowed with ``empty``)."""
+    for t in tuples:
+        ok = isinstance(t, tuple) and (len(t) > 0 or empty)
+        if not ok or not all(isinstance(p, (int, np.integer)) and not isinstance(p, bool) and p >= 0 for p in t):
+            raise ValueError(
+                f"{fn}: {name} must hold tuples of derivative orders (integers >= 0{'; () for 1' if empty else ''}), "
+                f"got {t!r}."
+            )
+
+
 @functools.cache
 def _sin_coefficients(basis) -> np.ndarray:
     """C (F, 2r + 1), complex: Π_{p in basis[f]} sin(z + pπ/2) = Σ_{|ω| <= r} C[f, r + ω] e^{iωz},
@@ -717,6 +728,11 @@ def sin_tables(K_sub, basis):
     vanish with K (⟨σσσσ⟩ ≈ 1.3e-8 at variances ~1e-3 agreed with a 40-node rule to 4e-10).  The
     imaginary parts cancel between ω and −ω (C[f, −ω] = conj C[f, ω]).
     """
+    K_sub = jnp.asarray(K_sub)
+    if K_sub.ndim != 3 or K_sub.shape[-1] != K_sub.shape[-2] or not 1 <= K_sub.shape[-1] <= 4:
+        raise ValueError(f"sin_tables: K_sub must have shape (S, m, m) with 1 <= m <= 4, got {K_sub.shape}.")
+    basis = tuple(basis)
+    _check_orders("sin_tables", "basis", basis)
     S, m = K_sub.shape[0], K_sub.shape[-1]
     C = _sin_coefficients(basis)
     r = (C.shape[1] - 1) // 2
@@ -735,6 +751,13 @@ def sin_pair_moments(K, products):
     of derivative orders of sin whose product is f (or g; () is the constant 1).  The frequency pairs
     ±(ω_a, ω_b) give the same exponential, so each is evaluated once on the (N, N) kernel and added
     with its real coefficients: no (N, N, grid) array is formed."""
+    K = jnp.asarray(K)
+    if K.ndim != 2 or K.shape[0] != K.shape[1]:
+        raise ValueError(f"sin_pair_moments: K must be a square (N, N) kernel, got shape {K.shape}.")
+    products = tuple(products)
+    if not all(isinstance(pr, tuple) and len(pr) == 2 for pr in products):
+        raise ValueError(f"sin_pair_moments: products must hold pairs (t_f, t_g), got {products!r}.")
+    _check_orders("sin_pair_moments", "products", [t for pr in products for t in pr], empty=True)
     basis = tuple(sorted({t for pr in products for t in pr}))
     C = _sin_coefficients(basis)
     r = (C.shape[1] - 1) // 2

@@ -536,6 +536,25 @@ def test_sin_tables_in_closed_form():
         np.testing.assert_allclose(g_closed, g_quad, rtol=0, atol=1e-9 * float(jnp.max(jnp.abs(g_quad))))
 
 
+def test_sin_closed_forms_reject_bad_arguments():
+    """gauss.sin_tables / sin_pair_moments name the argument that is wrong."""
+    K = jnp.eye(2)
+    with pytest.raises(ValueError, match=r"sin_tables: K_sub must have shape \(S, m, m\)"):
+        gauss.sin_tables(K, ((0,),))
+    with pytest.raises(ValueError, match="sin_tables: K_sub"):
+        gauss.sin_tables(jnp.ones((3, 5, 5)), ((0,),))
+    for bad in (((-1,),), ((),), (0,), ((0.5,),), ((True,),)):
+        with pytest.raises(ValueError, match="sin_tables: basis must hold tuples of derivative orders"):
+            gauss.sin_tables(K[None], bad)
+    with pytest.raises(ValueError, match="sin_pair_moments: K must be a square"):
+        gauss.sin_pair_moments(K[None], (((0,), (0,)),))
+    with pytest.raises(ValueError, match="sin_pair_moments: products must hold pairs"):
+        gauss.sin_pair_moments(K, ((0,), (0,)))
+    with pytest.raises(ValueError, match="sin_pair_moments: products must hold tuples"):
+        gauss.sin_pair_moments(K, (((0,), (-2,)),))
+    np.testing.assert_allclose(gauss.sin_pair_moments(K, (((), (1, 1)),))[0], (1 + np.exp(-2.0)) / 2 * np.ones((2, 2)))
+
+
 def test_sin_statistics_in_closed_form_equal_the_nested_rules():
     """ntk_statistics for sin with the closed-form tables (and pair moments) against the same recursion
     on the nested rules (gauss.CLOSED_SIN off): equal to the rules' own error (inputs scaled so
