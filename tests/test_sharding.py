@@ -8,10 +8,12 @@ with the single-device results of this process bit for bit.
 
 import functools
 import os
+import re
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import numpy as np
@@ -229,7 +231,7 @@ def test_one_process_distributed_results_are_the_local_ones():
 
 # -- subprocesses: 8 simulated devices; two processes on loopback -----------------------------------
 _PRELUDE = """
-import os, sys, warnings
+import os, sys, time, warnings
 import jax, numpy as np
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_compilation_cache_dir", os.path.expanduser(
@@ -237,6 +239,9 @@ jax.config.update("jax_compilation_cache_dir", os.path.expanduser(
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 warnings.simplefilter("error")
 warnings.filterwarnings("ignore", category=FutureWarning, module="arviz")
+_T0 = time.monotonic()
+def phase(name):  # where the process is, in its stderr (shown when a run fails or times out)
+    print(f"[phase {time.monotonic() - _T0:7.1f} s] {name}", file=sys.stderr, flush=True)
 """
 
 _EIGHT_DEVICES = _PRELUDE + textwrap.dedent(
@@ -297,15 +302,20 @@ _WORKER = _PRELUDE + textwrap.dedent(
     assert jax.local_device_count() == 2 and jax.device_count() == 4
     from tests.test_sharding import NUTS, PRIOR_SPEC, X, flatten, train
     from eft_prob import _arviz
+    phase("prior ensemble")
     prior = distributed.prior_ensemble(PRIOR_SPEC, X, 21, jax.random.key(1), chunk_size=2)
+    phase("trained ensemble")
     trained = train(distributed.trained_ensemble, checkpoint=os.path.join(out, "ck"))
+    phase("one-sided mistake")
     try:  # a mistake on process 1 only: both processes raise instead of process 0 waiting in the gather
         train(distributed.trained_ensemble, checkpoint=3 if pid == 1 else None)
         one_sided = ""
     except Exception as e:
         one_sided = f"{type(e).__name__}: {e}"
+    phase("NUTS")
     args = dict(NUTS)
     idata = distributed.run_nuts(args.pop("spec"), args.pop("X"), args.pop("y"), args.pop("X_test"), **args)
+    phase("process-dependent key")
     try:  # a process-dependent key is the classic mistake
         distributed.prior_ensemble(PRIOR_SPEC, X, 21, jax.random.key(pid))
         error = ""
@@ -313,6 +323,7 @@ _WORKER = _PRELUDE + textwrap.dedent(
         error = str(e)
     g = _arviz.get_group(trained, "trained_ensemble")
     attrs = _arviz.get_attrs(idata)
+    phase("runner: prior, trained, NUTS")
     # the same three through the main job's runner (eft-prob run --distributed)
     from types import SimpleNamespace
     from eft_prob import runner
@@ -324,6 +335,7 @@ _WORKER = _PRELUDE + textwrap.dedent(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tiny run's divergences
         r_nuts = runner.nuts(NUTS["spec"], data, NUTS["noise_var"], NUTS_SETTINGS, False)
+    phase("save")
     np.savez(os.path.join(out, f"p{pid}.npz"), prior=_arviz.get_group(prior, "prior_ensemble")["f_test"].values,
              error=error, one_sided=one_sided, chain_method=attrs["chain_method"], process_count=attrs["process_count"],
              **{f"trained.{v}": g[v].values for v in g.data_vars}, **flatten(idata),
@@ -340,26 +352,47 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_two_processes(script: str, tmp_path, timeout: int) -> list[str]:
+def _run_two_processes(script: str, tmp_path, timeout: int, *extra: str) -> list[tuple[str, str]]:
     """``script`` as processes 0 and 1 of a jax.distributed run on loopback (2 CPU devices each);
-    returns their stderr."""
+    returns their (stdout, stderr).  A run past ``timeout`` is killed and reported with both logs."""
     port = str(_free_port())
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", script, str(i), port, str(tmp_path), f"dist{i}"],
+            [sys.executable, "-c", script, str(i), port, str(tmp_path), f"dist{i}", *extra],
             **dict(env=_env(2), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
         )
         for i in range(2)
     ]
+    deadline, outs, timed_out = time.monotonic() + timeout, [], False
     try:
-        logs = [p.communicate(timeout=timeout)[1] for p in procs]
-    finally:
+        for p in procs:
+            outs.append(p.communicate(timeout=max(deadline - time.monotonic(), 1)))
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    finally:  # kill what still runs and read every pipe to its end, so that none is left open
         for p in procs:
             if p.poll() is None:
                 p.kill()
-                p.wait()
-    assert all(p.returncode == 0 for p in procs), "\n\n".join(log[-3000:] for log in logs)
-    return logs
+        outs += [p.communicate() for p in procs[len(outs) :]]
+    report = "\n\n".join(
+        f"process {i} (exit {p.returncode}):\n{err[-3000:]}" for i, (p, (_, err)) in enumerate(zip(procs, outs))
+    )
+    assert not timed_out, f"not done in {timeout} s:\n{report}"
+    assert all(p.returncode == 0 for p in procs), report
+    return outs
+
+
+def test_a_hung_pair_of_processes_is_killed_and_reported(tmp_path):
+    """_run_two_processes past its timeout: both processes killed, both logs in the failure, and
+    every pipe read to its end (an open one fails the next test on the worker with
+    PytestUnraisableExceptionWarning)."""
+    script = "import sys, time; print('started', sys.argv[1], file=sys.stderr, flush=True); time.sleep(60)"
+    t0 = time.monotonic()
+    with pytest.raises(AssertionError, match="not done in 3 s") as failure:
+        _run_two_processes(script, tmp_path, 3)
+    assert time.monotonic() - t0 < 30
+    report = str(failure.value)
+    assert all(re.search(rf"process {i} \(exit -9\):\s+started {i}", report) for i in (0, 1)), report
 
 
 @pytest.mark.slow
@@ -408,13 +441,16 @@ _MARGINALS_WORKER = _PRELUDE + textwrap.dedent(
     pid, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     assert distributed.initialize(f"127.0.0.1:{port}", 2, pid, timeout_s=60) == (pid, 2)
     from tests.test_sharding import MARGINALS, PRIOR_SPEC, X
+    phase("kernel moments")
     km = distributed.kernel_moments(PRIOR_SPEC, X, 9, jax.random.key(3))
+    phase("trained marginals")
     ck = os.path.join(out, "ck")
     m = distributed.trained_marginals(**MARGINALS, checkpoint=ck, progress=True)
     again = distributed.trained_marginals(**MARGINALS, checkpoint=ck, progress=True)  # every batch stored
     assert all(np.array_equal(a, b) for a, b in zip(m[:4], again[:4]))
     one = distributed.trained_marginals(**dict(MARGINALS, X_test=MARGINALS["X_test"][:2]))  # process 0 idle
     short = distributed.trained_marginals(**dict(MARGINALS, X_test=MARGINALS["X_test"][:3]))  # 1 + 1 padded
+    phase("runner and cli stages")
     # the main job's pieces: runner's order-1 trained group (3 + 5 inputs above a lowered dense limit:
     # one test input at a time, batches of 2) and cli's stages, which follow process 0's checkpoints
     from eft_prob import cli, runner
@@ -448,6 +484,7 @@ _MARGINALS_WORKER = _PRELUDE + textwrap.dedent(
     # in a program that connected the processes, the main job splits its work too: a single NUTS chain
     # (--smoke) cannot be split across 2 processes, which the command says before computing anything
     assert cli.main(["run", "models/bayesian.toml", "--smoke"]) == 2
+    phase("one-sided failures")
     for call in (
         lambda: distributed.trained_marginals(**MARGINALS, memory_limit_gib=1e-6 if pid == 1 else None),
         lambda: distributed.kernel_moments(PRIOR_SPEC, X, 9, jax.random.key(pid)),
@@ -457,6 +494,7 @@ _MARGINALS_WORKER = _PRELUDE + textwrap.dedent(
             errors.append("")
         except Exception as e:
             errors.append(f"{type(e).__name__}: {e}")
+    phase("save")
     np.savez(os.path.join(out, f"p{pid}.npz"), errors=np.array(errors), width=m.width,
              **{f"km.{k}": v for k, v in km._asdict().items()},
              **{f"m.{k}": np.asarray(v) for k, v in m._asdict().items() if k != "width"},
@@ -474,7 +512,7 @@ def test_two_processes_split_the_kernel_moments_and_the_trained_marginals(tmp_pa
     single-process run bit for bit (also with process 0 idle, and with process 1's one short batch
     padded as in one process), each process resumes from its own
     checkpoint, and a failure on one process makes every process raise instead of hanging."""
-    logs = _run_two_processes(_MARGINALS_WORKER, tmp_path, timeout=400)
+    logs = [err for _, err in _run_two_processes(_MARGINALS_WORKER, tmp_path, timeout=400)]
     monkeypatch.setattr(training, "_DENSE_TRAINED_MAX", 5)
     args = [MARGINALS[k] for k in ("spec", "X", "y", "X_test", "learning_rate", "steps")]
     group = runner._trained_marginal_group(*args, None, False)
@@ -580,21 +618,7 @@ _CLI_WORKER = textwrap.dedent(
 
 def _two_main_jobs(tmp_path, *extra) -> list[tuple[str, str]]:
     """_CLI_WORKER as processes 0 and 1 on loopback; their (stdout, stderr)."""
-    port = str(_free_port())
-    procs = [
-        subprocess.Popen([sys.executable, "-c", _CLI_WORKER, str(i), port, str(tmp_path), f"dist{i}", *extra],
-                         **dict(env=_env(2), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        for i in range(2)
-    ]  # fmt: skip
-    try:
-        outs = [p.communicate(timeout=900) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert all(p.returncode == 0 for p in procs), outs[0][1][-3000:] + outs[1][1][-3000:]
-    return outs
+    return _run_two_processes(_CLI_WORKER, tmp_path, 900, *extra)
 
 
 @pytest.mark.heavy
