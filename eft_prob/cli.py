@@ -1321,15 +1321,15 @@ def _from_lead(obj):
     """Process 0's ``obj`` on every process (pickled; a collective)."""
     import pickle
 
-    from jax.experimental import multihost_utils
+    from .distributed import _allgather
 
     data = pickle.dumps(obj) if jax.process_index() == 0 else b""
     with jax.enable_x64(True):
-        sizes = np.asarray(multihost_utils.process_allgather(np.array([len(data)], np.int64), tiled=False))
+        sizes = _allgather(np.array([len(data)], np.int64))
     buf = np.zeros(int(sizes[0, 0]), np.uint8)
     if data:
         buf[:] = np.frombuffer(data, np.uint8)
-    everyone = np.asarray(multihost_utils.process_allgather(buf, tiled=False))
+    everyone = _allgather(buf)
     return pickle.loads(everyone[0].tobytes())
 
 

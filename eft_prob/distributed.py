@@ -16,8 +16,9 @@ any other JAX work, then the same functions with the same arguments on every pro
 
 Process i computes block i of ``ensemble.part_range`` on its own local devices (sharded over them
 as in a single-process run; nothing is communicated during the computation), then the blocks are
-gathered to every process (``jax.experimental.multihost_utils.process_allgather``) in process
-order.  Network m and chain c keep the keys of a single-process run, so:
+gathered to every process (an all-gather over every device, as
+``jax.experimental.multihost_utils.process_allgather``, that returns only once every local device
+has finished it) in process order.  Network m and chain c keep the keys of a single-process run, so:
 
 * ensembles are bit-identical to :func:`eft_prob.ensemble.prior_outputs` / ``train`` in one process
   (for ``prior_ensemble`` when every device vmaps the same number of networks: pass a
@@ -49,7 +50,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions
-from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from . import _arviz, ensemble, inference
 from .runner import f_group
@@ -122,6 +124,38 @@ def initialize(
     return jax.process_index(), jax.process_count()
 
 
+def _identity(x):
+    return x
+
+
+def _allgather(tree):
+    """``multihost_utils.process_allgather(tree, tiled=False)`` (NumPy leaves stacked over processes,
+    equal shapes everywhere) that returns only after every local device has finished the all-gather.
+
+    process_allgather reads local device 0's copy of the result and returns while the other local
+    devices may still be inside the collective, so the next program over several devices can be
+    launched while this one is in flight.  Programs with collectives launched back to back over the
+    same CPU devices of a multi-process (gloo) run are what deadlocked in the loopback test (see
+    ``inference._sharded_chains``); waiting for every shard keeps at most one in flight.
+    """
+    count = jax.process_count()
+    if count == 1:
+        return jax.tree_util.tree_map(lambda leaf: np.asarray(leaf)[None], tree)
+    devices = np.array(jax.devices()).reshape(count, jax.local_device_count())
+    mesh = jax.sharding.Mesh(devices, ("processes", "local_devices"))
+    stacked, replicated = NamedSharding(mesh, P("processes")), NamedSharding(mesh, P())
+
+    def one(leaf):
+        local = np.asarray(leaf)[None]
+        blocks = [jax.device_put(local, d) for d in jax.local_devices()]
+        whole = jax.make_array_from_single_device_arrays((count, *local.shape[1:]), stacked, blocks)
+        out = jax.jit(_identity, out_shardings=replicated)(whole)
+        out.block_until_ready()  # every local shard, not only the one read below
+        return np.asarray(out.addressable_data(0))
+
+    return jax.tree_util.tree_map(one, tree)
+
+
 def gather(tree, n_total: int):
     """Concatenate the processes' blocks of a pytree, in process order, on every process.
 
@@ -152,7 +186,7 @@ def _gather_blocks(tree, sizes, what: str):
     width = max(max(sizes), 1)
     padded = [np.concatenate([a, np.zeros((width - a.shape[0], *a.shape[1:]), a.dtype)]) for a in leaves]
     with jax.enable_x64(True):  # float64/int64 blocks travel unchanged when x64 is off
-        stacked = multihost_utils.process_allgather(padded, tiled=False)
+        stacked = _allgather(padded)
     out = [np.concatenate([s[p, : sizes[p]] for p in range(count)]) for s in stacked]
     return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -177,7 +211,7 @@ def _run_everywhere(fn):
     mine = np.zeros(_MESSAGE_BYTES + 1, np.uint8)
     mine[0] = error is not None
     mine[1 : 1 + len(text)] = np.frombuffer(text, np.uint8)
-    everyone = np.asarray(multihost_utils.process_allgather(mine, tiled=False))
+    everyone = _allgather(mine)
     failed = [p for p in range(everyone.shape[0]) if everyone[p, 0]]
     if error is not None:
         raise error
@@ -210,7 +244,7 @@ def _check_same_arguments(**arguments) -> None:
         return
     names = sorted(arguments)
     mine = np.frombuffer(b"".join(_digest(arguments[k]) for k in names), np.uint8).reshape(len(names), 32)
-    everyone = multihost_utils.process_allgather(mine, tiled=False)
+    everyone = _allgather(mine)
     differ = [k for j, k in enumerate(names) if np.any(everyone[:, j] != everyone[0, j])]
     if differ:
         raise ValueError(

@@ -123,7 +123,13 @@ def _sharded_chains(num_chains: int, devices):
                 map_args = jax.tree_util.tree_map(
                     lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], padded - num_chains, axis=0)]), map_args
                 )
-            return jax.tree_util.tree_map(lambda a: a[:num_chains], run(map_args))
+            # to the host, then the first device: no program over several devices follows the run.
+            # Slicing the padded chains off the sharded result compiles to one small program per
+            # leaf with an all-gather between the devices; in a multi-process CPU run (gloo) one
+            # device was then found parked in such an all-gather, its partner's launch blocked,
+            # about once in ten loopback runs of tests/test_sharding.py on 2 busy cores
+            out = jax.device_get(run(map_args))
+            return jax.tree_util.tree_map(lambda a: jnp.asarray(a[:num_chains]), out)
 
         return call
 
