@@ -139,17 +139,16 @@ def _allgather(tree):
     ``inference._sharded_chains``); waiting for every shard keeps at most one in flight.
     """
     count = jax.process_count()
-    if count == 1:
-        return jax.tree_util.tree_map(lambda leaf: np.asarray(leaf)[None], tree)
     devices = np.array(jax.devices()).reshape(count, jax.local_device_count())
     mesh = jax.sharding.Mesh(devices, ("processes", "local_devices"))
-    stacked, replicated = NamedSharding(mesh, P("processes")), NamedSharding(mesh, P())
+    stacked = NamedSharding(mesh, P("processes"))
+    replicate = jax.jit(_identity, out_shardings=NamedSharding(mesh, P()))
 
     def one(leaf):
         local = np.asarray(leaf)[None]
         blocks = [jax.device_put(local, d) for d in jax.local_devices()]
         whole = jax.make_array_from_single_device_arrays((count, *local.shape[1:]), stacked, blocks)
-        out = jax.jit(_identity, out_shardings=replicated)(whole)
+        out = replicate(whole)
         out.block_until_ready()  # every local shard, not only the one read below
         return np.asarray(out.addressable_data(0))
 
