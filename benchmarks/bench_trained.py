@@ -56,6 +56,13 @@ current) against the nested rules (``gauss.CLOSED_SIN`` off; baseline): ntk_stat
 prior_statistics at N = 1000 and the marginals on N_A + 24 inputs at depth 3 and 10, cold and warm.
 ``--marginals ... --activation sin`` runs the many-test-input marginals for sin.
 
+``--breakdown [REPS]``: where the marginals' time goes (N_A + 24 inputs, ``--depth``, batch
+``--batch-size``, default 8, ``--activation``): the full computation (baseline), then the same with the
+four-input tables, then the three- and four-input tables, replaced by zeros of their shape (wrong
+moments: a timing device only), and then with the four-input tables' innermost sums replaced by a
+cheap stand-in, so the rows split the time into four-input tables (innermost sums / the rest of the
+rule), three-input tables and everything else.  Timed as ``--fused``.
+
 ``--devices [N_TEST]``: the marginals on N_A + N_TEST inputs (default 8 + 48, batch 24, ``--depth``)
 one batch at a time on the first local device (baseline) against one batch per local device at once
 (``devices=jax.local_devices()``, shard_map), cold and warm, with the ratio and the largest
@@ -79,6 +86,7 @@ if "--cpu-devices" in sys.argv:  # simulated CPU devices must be requested befor
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={_k}".strip()
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 jax.config.update("jax_enable_x64", True)
@@ -126,11 +134,14 @@ def main() -> None:
     p.add_argument("--nodes", type=int, nargs="+", default=None, metavar="N4")
     p.add_argument("--inner", nargs="?", type=int, const=2, default=None, metavar="REPS")
     p.add_argument("--shift", nargs="?", type=int, const=2, default=None, metavar="REPS")
+    p.add_argument("--breakdown", nargs="?", type=int, const=2, default=None, metavar="REPS")
     p.add_argument("--closed-sin", action="store_true", help="sin's closed-form tables vs the nested rules")
     p.add_argument("--activation", default="tanh", choices=["tanh", "sin", "gelu"], help="σ of --marginals")
     args = p.parse_args()
     if args.closed_sin:
         return closed_sin(args.n_train, args.batch_size or 8)
+    if args.breakdown is not None:
+        return breakdown(args.n_train, args.depth, args.breakdown, args.batch_size or 8, args.activation)
     if args.shift is not None:
         return shift(args.n_train, args.depth, args.shift, args.batch_size or 8)
     if args.inner is not None:
@@ -239,6 +250,80 @@ def inner(n_trains, depth: int, reps: int, batch: int) -> None:
         "current": {"_UNROLLED_INNER": True, "_BROADCAST_CONTRACT": True},
     }
     compare_paths(modes, n_trains, depth, reps, batch)
+
+
+def _zero_tables(sizes):
+    """ntk_stats._group_tables replaced: zeros of the right size for m-input subsets with m in ``sizes``."""
+    real = ntk_stats._group_tables
+
+    def group_tables(fns, K, subsets, kinked, n, odd, rule=None):
+        m = subsets.shape[1]
+        if m not in sizes:
+            return real(fns, K, subsets, kinked, n, odd, rule)
+        return jnp.zeros(len(subsets) * len(ntk_stats._basis(len(fns) - 1, 5 - m)) ** m, K.dtype)
+
+    return group_tables
+
+
+def _cheap_inner_sums(ev, mu, s, x, w, shift=None):
+    """ntk_stats._inner_sums replaced, for the four-input tables: one product per function instead of
+    the sum over the innermost nodes (wrong values; the outer grid and contractions unchanged)."""
+    if mu.ndim < 4:  # (B, n/2, n, n): four-input rule; three-input tables keep the real sums
+        return ntk_stats_inner_sums(ev, mu, s, x, w, shift)
+    F = len(ev(mu[..., :1]))  # the number of functions of the innermost variable
+    return jnp.stack([mu * (1.0 + f) for f in range(F)])
+
+
+ntk_stats_inner_sums = ntk_stats._inner_sums
+
+
+def breakdown(n_trains, depth: int, reps: int, batch: int, activation: str) -> None:
+    """The marginals with parts of the work removed, each against the full computation."""
+    from eft_prob.theory.training import nlo_trained_marginals
+
+    print(
+        f"# jax {jax.__version__}, backend {jax.default_backend()}, depth {depth}, {activation} at criticality, "
+        f"width 64, batch {batch}, load average {os.getloadavg()}\n"
+    )
+    modes = {
+        "full (baseline)": {},
+        "four-input innermost sums by a stand-in": {"_inner_sums": _cheap_inner_sums},
+        "four-input tables zero": {"_group_tables": _zero_tables({4})},
+        "three- and four-input tables zero": {"_group_tables": _zero_tables({3, 4})},
+    }
+    warnings.simplefilter("ignore", ep.CostWarning)
+    spec = ep.MLPSpec.at_criticality(3, (64,) * (depth - 1), 1, activation)
+    saved = {k: getattr(ntk_stats, k) for k in ("_group_tables", "_inner_sums")}
+    for nA in n_trains:
+        rng = np.random.default_rng(0)
+        X, Xt = rng.normal(size=(nA, 3)), rng.normal(size=(24, 3))
+        y = np.sin(X[:, :1])
+        cold, warm = {}, {k: [] for k in modes}
+        try:
+            for _ in range(reps):
+                for name, flags in modes.items():
+                    for k, v in {**saved, **flags}.items():
+                        setattr(ntk_stats, k, v)
+                    jax.clear_caches()
+                    t = time.perf_counter()
+                    jax.block_until_ready(nlo_trained_marginals(spec, X, y, Xt + 1e-3, batch_size=batch))
+                    cold.setdefault(name, time.perf_counter() - t)
+                    t = time.perf_counter()
+                    jax.block_until_ready(nlo_trained_marginals(spec, X, y, Xt, batch_size=batch))
+                    warm[name].append(time.perf_counter() - t)
+        finally:
+            for k, v in saved.items():
+                setattr(ntk_stats, k, v)
+        full = min(warm["full (baseline)"])
+        print(f"\n{nA} + 24 inputs | cold | warm | share of the full warm time")
+        print("|---|---|---|---|")
+        for name in modes:
+            print(f"| {name} | {cold[name]:.1f} s | {min(warm[name]):.2f} s | {min(warm[name]) / full:.0%} |")
+        print(
+            f"\nper 24 test inputs without any four-input table: {min(warm['four-input tables zero']):.2f} s",
+            flush=True,
+        )
+    print(f"load average at the end {os.getloadavg()}")
 
 
 class _Never:
