@@ -76,15 +76,22 @@ def test_every_statistic_including_dntk_and_ddntks(act, widths, sizes, seed):
 
 
 @pytest.mark.slow
-def test_deep_network_with_alternating_widths_and_three_inputs():
+def test_deep_network_with_alternating_widths_per_layer_hyperparameters_and_three_inputs():
     """Depth 5 with hidden widths (2n, n, 2n, n), so that every recursion runs three propagating steps
-    with width ratios r = 1/2 and 2 (the depth-3 test above has r = 1 and one propagating step), on
-    three inputs (entries with three distinct indices): tanh, every statistic with the dNTK and ddNTKs.
-    Measured (2026-11-30, these seeds): max |z| 3.1 over the 11 × 81 entries, se(c) of the largest
-    entry 1–6% of it.  Dropping the ratio r from U's propagated term fails here (U) and passes the
-    equal-width tests."""
+    with width ratios r = 1/2 and 2 (the depth-3 test above has r = 1 and one propagating step), with
+    different C_b, C_W, λ_b, λ_W in every layer, on three inputs (entries with three distinct indices):
+    tanh, every statistic with the dNTK and ddNTKs.  Measured (2026-11-30, these seeds): max |z| 2.4
+    over the 11 × 81 entries, se(c) of the largest entry 1–6% of it.  The tests with equal widths and
+    hyperparameters cannot see a missing width ratio or a layer's hyperparameters taken from its
+    neighbour: dropping r from U's propagated term, or giving each step the λ_W of the layer below,
+    fails here only."""
     X3 = np.array([[0.9, -0.4, 0.5], [0.1, 1.0, -0.6], [-0.7, 0.3, 0.8]])
-    kw = dict(C_b=0.1, C_W=1.5, lambda_b=0.3, lambda_W=1.0)
+    kw = dict(
+        C_b=(0.1, 0.2, 0.0, 0.15, 0.05),
+        C_W=(1.5, 1.2, 1.8, 1.0, 1.4),
+        lambda_b=(0.3, 0.1, 0.5, 0.2, 0.4),
+        lambda_W=(1.0, 2.0, 0.5, 1.5, 0.8),
+    )
     widths = (12, 24, 48)
     theory, mc = _sweep(
         lambda n: ep.MLPSpec(3, (2 * n, n, 2 * n, n), 2, "tanh", **kw), X3, widths, (3000, 2000, 1200), 500, True
