@@ -57,10 +57,10 @@ prior_statistics at N = 1000 and the marginals on N_A + 24 inputs at depth 3 and
 ``--marginals ... --activation sin`` runs the many-test-input marginals for sin.
 
 ``--breakdown [REPS]``: where the marginals' time goes (N_A + 24 inputs, ``--depth``, batch
-``--batch-size``, default 8, ``--activation``): the full computation (baseline), then the same with the
-four-input tables, then the three- and four-input tables, replaced by zeros of their shape (wrong
-moments: a timing device only), and then with the four-input tables' innermost sums replaced by a
-cheap stand-in, so the rows split the time into four-input tables (innermost sums / the rest of the
+``--batch-size``, default 8, ``--activation``): the full computation (baseline), then the same with
+the four-input tables' innermost sums replaced by a cheap stand-in, with the four-input tables, and
+with the three- and four-input tables replaced by zeros of their shape (wrong moments: a timing
+device only), so the rows split the time into four-input tables (innermost sums / the rest of the
 rule), three-input tables and everything else.  Timed as ``--fused``.
 
 ``--devices [N_TEST]``: the marginals on N_A + N_TEST inputs (default 8 + 48, batch 24, ``--depth``)
@@ -265,55 +265,36 @@ def _zero_tables(sizes):
     return group_tables
 
 
-def _cheap_inner_sums(ev, mu, s, x, w, shift=None):
-    """ntk_stats._inner_sums replaced, for the four-input tables: one product per function instead of
+def _stand_in_inner_sums():
+    """ntk_stats._inner_sums replaced for the four-input tables: one product per function instead of
     the sum over the innermost nodes (wrong values; the outer grid and contractions unchanged)."""
-    if mu.ndim < 4:  # (B, n/2, n, n): four-input rule; three-input tables keep the real sums
-        return ntk_stats_inner_sums(ev, mu, s, x, w, shift)
-    F = len(ev(mu[..., :1]))  # the number of functions of the innermost variable
-    return jnp.stack([mu * (1.0 + f) for f in range(F)])
+    real = ntk_stats._inner_sums
 
+    def inner_sums(ev, mu, s, x, w, shift=None):
+        if mu.ndim < 4:  # (B, n/2, n, n): four-input rule; three-input tables keep the real sums
+            return real(ev, mu, s, x, w, shift)
+        F = len(ev(mu[..., :1]))  # the number of functions of the innermost variable
+        return jnp.stack([mu * (1.0 + f) for f in range(F)])
 
-ntk_stats_inner_sums = ntk_stats._inner_sums
+    return inner_sums
 
 
 def breakdown(n_trains, depth: int, reps: int, batch: int, activation: str) -> None:
     """The marginals with parts of the work removed, each against the full computation."""
-    from eft_prob.theory.training import nlo_trained_marginals
-
     print(
         f"# jax {jax.__version__}, backend {jax.default_backend()}, depth {depth}, {activation} at criticality, "
         f"width 64, batch {batch}, load average {os.getloadavg()}\n"
     )
     modes = {
         "full (baseline)": {},
-        "four-input innermost sums by a stand-in": {"_inner_sums": _cheap_inner_sums},
+        "four-input innermost sums by a stand-in": {"_inner_sums": _stand_in_inner_sums()},
         "four-input tables zero": {"_group_tables": _zero_tables({4})},
         "three- and four-input tables zero": {"_group_tables": _zero_tables({3, 4})},
     }
     warnings.simplefilter("ignore", ep.CostWarning)
     spec = ep.MLPSpec.at_criticality(3, (64,) * (depth - 1), 1, activation)
-    saved = {k: getattr(ntk_stats, k) for k in ("_group_tables", "_inner_sums")}
     for nA in n_trains:
-        rng = np.random.default_rng(0)
-        X, Xt = rng.normal(size=(nA, 3)), rng.normal(size=(24, 3))
-        y = np.sin(X[:, :1])
-        cold, warm = {}, {k: [] for k in modes}
-        try:
-            for _ in range(reps):
-                for name, flags in modes.items():
-                    for k, v in {**saved, **flags}.items():
-                        setattr(ntk_stats, k, v)
-                    jax.clear_caches()
-                    t = time.perf_counter()
-                    jax.block_until_ready(nlo_trained_marginals(spec, X, y, Xt + 1e-3, batch_size=batch))
-                    cold.setdefault(name, time.perf_counter() - t)
-                    t = time.perf_counter()
-                    jax.block_until_ready(nlo_trained_marginals(spec, X, y, Xt, batch_size=batch))
-                    warm[name].append(time.perf_counter() - t)
-        finally:
-            for k, v in saved.items():
-                setattr(ntk_stats, k, v)
+        cold, warm, _ = _time_modes(modes, ntk_stats, spec, nA, reps, batch)
         full = min(warm["full (baseline)"])
         print(f"\n{nA} + 24 inputs | cold | warm | share of the full warm time")
         print("|---|---|---|---|")
@@ -349,14 +330,42 @@ def shift(n_trains, depth: int, reps: int, batch: int) -> None:
         gauss.CLOSED_SIN = True
 
 
+def _time_modes(modes: dict, module, spec, nA: int, reps: int, batch: int):
+    """nlo_trained_marginals on nA + 24 random inputs under each mode ({name: {attribute of ``module``:
+    value}}; attributes a mode does not name keep their original values), each compiled afresh, then
+    warm ``reps`` times, alternating modes.  Returns {name: cold time}, {name: [warm times]},
+    {name: the last result}; the module's attributes are restored."""
+    from eft_prob.theory.training import nlo_trained_marginals
+
+    rng = np.random.default_rng(0)
+    X, Xt = rng.normal(size=(nA, 3)), rng.normal(size=(24, 3))
+    y = np.sin(X[:, :1])
+    saved = {k: getattr(module, k) for flags in modes.values() for k in flags}
+    cold, warm, out = {}, {k: [] for k in modes}, {}
+    try:
+        for _ in range(reps):
+            for name, flags in modes.items():
+                for k, v in {**saved, **flags}.items():
+                    setattr(module, k, v)
+                jax.clear_caches()  # the flags are read when tracing: compile this path afresh
+                t = time.perf_counter()
+                jax.block_until_ready(nlo_trained_marginals(spec, X, y, Xt + 1e-3, batch_size=batch))
+                cold.setdefault(name, time.perf_counter() - t)
+                t = time.perf_counter()
+                out[name] = jax.block_until_ready(nlo_trained_marginals(spec, X, y, Xt, batch_size=batch))
+                warm[name].append(time.perf_counter() - t)
+    finally:
+        for k, v in saved.items():
+            setattr(module, k, v)
+    return cold, warm, out
+
+
 def compare_paths(
     modes: dict, n_trains, depth: int, reps: int, batch: int, activation: str = "tanh", module=ntk_stats
 ) -> None:
     """nlo_trained_marginals on N_A + 24 inputs (batch ``batch``) with the ntk_stats flags of each mode
     ({name: {attribute: value}}, "baseline" and "current"), each compiled afresh, then warm REPS times
     alternating; minimum warm time reported."""
-    from eft_prob.theory.training import nlo_trained_marginals
-
     print(
         f"# jax {jax.__version__}, backend {jax.default_backend()}, depth {depth}, {activation} at criticality, "
         f"width 64, batch {batch}, load average {os.getloadavg()}\n"
@@ -369,28 +378,8 @@ def compare_paths(
     print("|---|---|---|---|---|---|")
     warnings.simplefilter("ignore", ep.CostWarning)
     spec = ep.MLPSpec.at_criticality(3, (64,) * (depth - 1), 1, activation)
-    names = {k for flags in modes.values() for k in flags}
-    saved = {k: getattr(module, k) for k in names}
     for nA in n_trains:
-        rng = np.random.default_rng(0)
-        X, Xt = rng.normal(size=(nA, 3)), rng.normal(size=(24, 3))
-        y = np.sin(X[:, :1])
-        cold, warm, out = {}, {k: [] for k in modes}, {}
-        try:
-            for _ in range(reps):
-                for name, flags in modes.items():
-                    for k, v in flags.items():
-                        setattr(module, k, v)
-                    jax.clear_caches()  # the flags are read when tracing: compile this path afresh
-                    t = time.perf_counter()
-                    jax.block_until_ready(nlo_trained_marginals(spec, X, y, Xt + 1e-3, batch_size=batch))
-                    cold.setdefault(name, time.perf_counter() - t)
-                    t = time.perf_counter()
-                    out[name] = jax.block_until_ready(nlo_trained_marginals(spec, X, y, Xt, batch_size=batch))
-                    warm[name].append(time.perf_counter() - t)
-        finally:
-            for k, v in saved.items():
-                setattr(module, k, v)
+        cold, warm, out = _time_modes(modes, module, spec, nA, reps, batch)
         b, c = out["baseline"], out["current"]
         tb, tc = min(warm["baseline"]), min(warm["current"])
         print(

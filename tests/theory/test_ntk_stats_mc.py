@@ -93,9 +93,8 @@ def test_deep_network_with_alternating_widths_per_layer_hyperparameters_and_thre
         lambda_W=(1.0, 2.0, 0.5, 1.5, 0.8),
     )
     widths = (12, 24, 48)
-    theory, mc = _sweep(
-        lambda n: ep.MLPSpec(3, (2 * n, n, 2 * n, n), 2, "tanh", **kw), X3, widths, (3000, 2000, 1200), 500, True
-    )
+    make_spec = lambda n: ep.MLPSpec(3, (2 * n, n, 2 * n, n), 2, "tanh", **kw)
+    theory, mc = _sweep(make_spec, X3, widths, (3000, 2000, 1200), 500, derivatives=True)
     _assert_coefficients(widths, theory, mc, ("V", "A", "D", "P", "Q", "R", "T"), teeth=0.1)
     _assert_coefficients(widths, theory, mc, ("B", "F", "S", "U"), teeth=0.05)
 
